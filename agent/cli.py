@@ -1,0 +1,112 @@
+"""The ``lorry-agent`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from agent import config as config_mod
+from agent.config import ConfigError
+
+log = logging.getLogger("agent")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorry-agent", description="Onboard telematics agent for cross-border lorries.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", type=Path, default=config_mod.DEFAULT_PATH,
+                        help=f"configuration file (default {config_mod.DEFAULT_PATH})")
+
+    run = sub.add_parser("run", help="run the agent (the systemd service runs this)")
+    with_config(run)
+    run.add_argument("--dry-run", action="store_true",
+                     help="publish nothing: print each message as a JSON line, exit when replays end")
+    run.add_argument("--until-drained", action="store_true",
+                     help="exit once every replay has ended and the broker has acknowledged everything")
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a configuration file (exit 0 if usable)")
+    check.add_argument("file", type=Path, nargs="?", help="file to check (default: --config)")
+    with_config(check)
+    check.set_defaults(func=_cmd_check)
+
+    status = sub.add_parser("status", help="buffer depth, last fix, last publish, counters")
+    with_config(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_cmd_status)
+
+    demo = sub.add_parser("demo", help="replay the bundled Chongqing -> Hanoi trip against a private mosquitto")
+    demo.add_argument("--speed", type=float, default=1000.0, help="replay speed (default 1000x real time)")
+    demo.add_argument("--workdir", type=Path, help="keep the broker and store here (default: a temp folder)")
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _load(path: Path) -> config_mod.Config | None:
+    try:
+        return config_mod.load(path)
+    except ConfigError as e:
+        print(f"configuration error in {e.path}:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    cfg = _load(path)
+    if cfg is None:
+        return 1
+    sources = [name for name in ("gps",) if getattr(cfg, name) is not None]
+    print(f"{path}: OK (device {cfg.device.id}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
+          f"sources: {', '.join(sources) or 'none'})")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    _setup_logging(cfg.log.level)
+    from agent.runner import run
+    return run(cfg, dry_run=args.dry_run, until_drained=args.until_drained)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    from agent.status import collect, render
+    s = collect(cfg.store.path)
+    print(json.dumps(s, indent=2) if args.json else render(s))
+    return 0 if "error" not in s else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging("error")  # the demo tells its own story on stdout
+    from agent.demo.run import run_demo
+    return run_demo(speed=args.speed, workdir=args.workdir, out=sys.stdout)
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd, journald stamps the time itself.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if "JOURNAL_STREAM" not in os.environ:
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

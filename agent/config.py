@@ -1,0 +1,240 @@
+"""The agent's configuration: one TOML file, validated by pydantic models.
+
+Every section is a model with ``extra="forbid"``, so a misspelt key is an error rather than a
+silently ignored setting. Errors are reported as ``FILE: [section] key: problem`` lines that a
+technician can act on without reading code.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+DEFAULT_PATH = Path("/etc/lorry-agent/agent.toml")
+
+# Topic levels must not contain MQTT wildcards or separators.
+TOPIC_SAFE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used, with one line per problem."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        super().__init__("\n".join(f"{self.path}: {p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceConfig(Section):
+    id: Annotated[str, Field(pattern=TOPIC_SAFE, max_length=64)]
+    """Device identity, used in topics and in every payload."""
+
+
+class TlsConfig(Section):
+    ca_file: Path
+    """CA certificate(s) the broker's certificate must chain to (pinning)."""
+    cert_file: Path | None = None
+    """Client certificate for mutual TLS."""
+    key_file: Path | None = None
+    insecure_skip_hostname: bool = False
+    """Skip the broker hostname check (only for brokers reached by IP)."""
+
+    @model_validator(mode="after")
+    def _cert_and_key_together(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class MqttConfig(Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    topic_prefix: Annotated[str, Field(pattern=TOPIC_SAFE)] = "lorry"
+    client_id: str | None = None
+    """Defaults to the device id."""
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 60
+    username: str | None = None
+    password_file: Path | None = None
+    """File holding the password (its first line); keeps secrets out of the config."""
+    tls: TlsConfig | None = None
+    max_inflight: Annotated[int, Field(ge=1, le=100)] = 8
+    """Messages handed to paho and not yet acknowledged; the store holds the rest."""
+    max_batch: Annotated[int, Field(ge=1, le=10_000)] = 200
+    """Readings per message while draining a backlog."""
+    max_message_bytes: Annotated[int, Field(ge=1024, le=268_435_455)] = 131_072
+    reconnect_min_s: Annotated[float, Field(gt=0)] = 1.0
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 120.0
+
+    @model_validator(mode="after")
+    def _checks(self) -> MqttConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs username")
+        return self
+
+
+class StoreConfig(Section):
+    path: Path = Path("/var/lib/lorry-agent/buffer.db")
+    sync_interval_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    """How often buffered readings are made power-cut safe (fsync). Readings are committed
+    (crash safe) at once; only durable ones are sent, so a power cut never makes a seq
+    number that the backend has seen come back with another reading."""
+
+
+class GpsConfig(Section):
+    port: str | None = None
+    """Serial device or pyserial URL (``loop://``, ``/dev/serial/by-id/...``)."""
+    baudrate: Annotated[int, Field(gt=0)] = 9600
+    replay: Path | None = None
+    """A capture file (optionally .gz) replayed instead of a serial port."""
+    replay_speed: Annotated[float, Field(ge=0)] = 1.0
+    """1 = real time (by the fixes' own timestamps), 0 = as fast as possible."""
+    reopen_min_s: Annotated[float, Field(gt=0)] = 1.0
+    reopen_max_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GpsConfig:
+        if (self.port is None) == (self.replay is None):
+            raise ValueError("give exactly one of port (a serial device) or replay (a file)")
+        return self
+
+
+class ReportingConfig(Section):
+    """A fix is reported when any enabled threshold is met; all 0 reports every fix."""
+
+    min_period_s: Annotated[float, Field(ge=0)] = 0
+    min_distance_m: Annotated[float, Field(ge=0)] = 0
+    min_heading_deg: Annotated[float, Field(ge=0, le=180)] = 0
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(Section):
+    device: DeviceConfig
+    mqtt: MqttConfig = MqttConfig()
+    store: StoreConfig = StoreConfig()
+    gps: GpsConfig | None = None
+    reporting: ReportingConfig = ReportingConfig()
+    log: LogConfig = LogConfig()
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or self.device.id
+
+    def topic(self, stream: str) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.device.id}/{stream}"
+
+
+def load(path: Path | str) -> Config:
+    """Read and validate a config file; relative file paths are resolved against its folder."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, [f"cannot read: {e}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [f"not valid TOML: {e}"]) from None
+    return parse(raw, path)
+
+
+def parse(raw: dict[str, Any], path: Path | str = "<config>") -> Config:
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(path, [_describe(err) for err in e.errors()]) from None
+    return _resolve_paths(cfg, Path(path).resolve().parent)
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def rel(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else base / p
+
+    updates: dict[str, Any] = {}
+    if cfg.gps and cfg.gps.replay and (r := rel(cfg.gps.replay)):
+        updates["gps"] = cfg.gps.model_copy(update={"replay": r})
+    if str(cfg.store.path) != ":memory:" and (r := rel(cfg.store.path)):
+        updates["store"] = cfg.store.model_copy(update={"path": r})
+    mqtt_updates: dict[str, Any] = {}
+    if (r := rel(cfg.mqtt.password_file)):
+        mqtt_updates["password_file"] = r
+    if cfg.mqtt.tls:
+        tls = {k: r for k in ("ca_file", "cert_file", "key_file") if (r := rel(getattr(cfg.mqtt.tls, k)))}
+        if tls:
+            mqtt_updates["tls"] = cfg.mqtt.tls.model_copy(update=tls)
+    if mqtt_updates:
+        updates["mqtt"] = cfg.mqtt.model_copy(update=mqtt_updates)
+    return cfg.model_copy(update=updates) if updates else cfg
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One validation error as ``[section] key: problem`` with what is allowed."""
+    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    kind = err["type"]
+    where = _where(loc)
+    if kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        return f"{where}: unknown key; " + _allowed(model, loc[:-1])
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    msg = err["msg"]
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    given = err.get("input")
+    if kind not in ("missing",) and not isinstance(given, dict):
+        msg += f" (got {given!r})"
+    if kind == "string_pattern_mismatch":
+        msg = (
+            f"must be letters, digits, '.', '_' or '-' (no spaces, '/', '+' or '#'); got {given!r}"
+        )
+    return f"{where}: {msg}"
+
+
+def _where(loc: list[str]) -> str:
+    if not loc:
+        return "(top level)"
+    if len(loc) == 1:
+        return f"[{loc[0]}]" if _model_at(loc) is not None else loc[0]
+    return f"[{'.'.join(loc[:-1])}] {loc[-1]}"
+
+
+def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return None
+        model = _section_type(model.model_fields[part].annotation)
+    return model
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if (found := _section_type(arg)) is not None:
+            return found
+    return None
+
+
+def _allowed(model: type[BaseModel] | None, loc: Any) -> str:
+    if model is None:
+        return "no keys are allowed here"
+    return "allowed: " + ", ".join(model.model_fields)

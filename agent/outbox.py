@@ -1,0 +1,110 @@
+"""What to send next: the store → uplink hand-off, shared by every transport.
+
+Per connection the outbox pages through each stream by row id, in stream priority order, and
+packs consecutive readings of one stream into one message (a JSON array; a lone reading is a
+JSON object). When a connection starts with a backlog of positions, the newest position goes
+first on its own, so the dispatcher sees where the lorry is now, then the backlog oldest-first.
+
+Rows leave the store only when the transport reports the broker's acknowledgement
+(``Store.ack``); a new connection starts paging from the beginning again, so whatever was in
+flight when a link dropped is sent again with the same seq and content.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.reading import STREAM_PRIORITY
+from agent.store import Row, Store
+
+NEWEST_FIRST_STREAM = "position"
+
+
+@dataclass(slots=True, frozen=True)
+class Batch:
+    stream: str
+    ids: tuple[int, ...]
+    payload: bytes
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+
+class Outbox:
+    def __init__(self, store: Store, *, max_batch: int, max_bytes: int):
+        self.store = store
+        self.max_batch = max_batch
+        self.max_bytes = max_bytes
+        self.reset()
+
+    def reset(self) -> None:
+        """A new connection: everything unacknowledged is due again."""
+        self._cursor: dict[str, int] = {}
+        self._sent_newest: int | None = None
+        self._newest_done = False
+        self._idle_at = -1
+        self._order: list[str] = []
+        self._order_at = -1
+
+    def next_batch(self) -> Batch | None:
+        durable = self.store.durable_id
+        if durable == self._idle_at:
+            return None
+        if durable != self._order_at:
+            self._order, self._order_at = _ordered(self.store.streams()), durable
+        for stream in self._order:
+            if stream == NEWEST_FIRST_STREAM and not self._newest_done:
+                first = self._newest_if_backlog(stream)
+                if first is not None:
+                    return first
+            batch = self._page(stream)
+            if batch is not None:
+                return batch
+        self._idle_at = durable
+        return None
+
+    def _newest_if_backlog(self, stream: str) -> Batch | None:
+        oldest = self.store.fetch(stream, self._cursor.get(stream, 0), 1)
+        if not oldest:
+            return None  # nothing durable yet: decide when there is
+        self._newest_done = True
+        newest = self.store.newest(stream)
+        if newest is None or newest.id == oldest[0].id:
+            return None
+        self._sent_newest = newest.id
+        return Batch(stream, (newest.id,), newest.body.encode())
+
+    def _page(self, stream: str) -> Batch | None:
+        while True:
+            after = self._cursor.get(stream, 0)
+            rows = self.store.fetch(stream, after, self.max_batch)
+            if not rows:
+                return None
+            picked: list[Row] = []
+            size = 2
+            for row in rows:
+                if row.id == self._sent_newest:
+                    continue
+                size += len(row.body) + 1
+                if picked and size > self.max_bytes:
+                    break
+                picked.append(row)
+            if not picked:
+                self._cursor[stream] = rows[-1].id
+                continue
+            self._cursor[stream] = picked[-1].id
+            return _pack(stream, picked)
+
+
+def _pack(stream: str, rows: list[Row]) -> Batch:
+    if len(rows) == 1:
+        payload = rows[0].body
+    else:
+        payload = "[" + ",".join(r.body for r in rows) + "]"
+    return Batch(stream, tuple(r.id for r in rows), payload.encode())
+
+
+def _ordered(streams: list[str]) -> list[str]:
+    known = [s for s in STREAM_PRIORITY if s in streams]
+    return known + sorted(s for s in streams if s not in STREAM_PRIORITY)

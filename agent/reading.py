@@ -1,0 +1,60 @@
+"""The reading: what every driver produces and every other part of the agent carries."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+# Streams in the order the uplink serves them when there is a backlog: events that customs and
+# dispatch act on first, then where the lorry is, then the rest. Unknown streams come last.
+STREAM_PRIORITY: tuple[str, ...] = ("alarm", "seal", "position", "temperature", "can", "health")
+
+# Keys every payload object starts with; stream data may not override them.
+ENVELOPE_KEYS = ("device", "stream", "seq", "ts")
+
+
+@dataclass(slots=True, frozen=True)
+class Reading:
+    stream: str
+    ts_ms: int
+    """When the reading was taken: Unix time in milliseconds, UTC."""
+    data: dict[str, Any] = field(default_factory=dict)
+    urgent: bool = False
+    """Made power-cut safe and sent at once (seal events, alarms)."""
+
+
+def iso_ms(ts_ms: int) -> str:
+    """ISO 8601 UTC with milliseconds: ``2026-11-24T03:00:00.123Z``."""
+    secs, ms = divmod(ts_ms, 1000)
+    t = time.gmtime(secs)
+    return (
+        f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T"
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}.{ms:03d}Z"
+    )
+
+
+def encode_parts(device: str, reading: Reading) -> tuple[str, str]:
+    """The reading's JSON object split around its seq, which the store assigns at commit.
+
+    ``head + str(seq) + tail`` is the payload object of docs/contract.md. Encoding here, in
+    the producer's thread, rejects a reading that cannot be JSON (NaN, a stray object) before
+    it takes a seq, with ValueError/TypeError.
+    """
+    clash = [k for k in ENVELOPE_KEYS if k in reading.data]
+    if clash:
+        raise ValueError(f"reading data may not set envelope keys {clash}")
+    head = '{"device":%s,"stream":%s,"seq":' % (_dumps(device), _dumps(reading.stream))
+    fields = _dumps(reading.data)
+    tail = ',"ts":"%s"' % iso_ms(reading.ts_ms)
+    tail += "}" if fields == "{}" else "," + fields[1:]
+    return head, tail
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

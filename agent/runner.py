@@ -1,0 +1,182 @@
+"""The daemon: drivers → reporting policy → store → uplink, supervised and stoppable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from agent.backoff import backoff_delay
+from agent.config import Config
+from agent.policy import ReportingPolicy
+from agent.reading import Reading, iso_ms
+from agent.store import Store
+from agent.systemd import Notifier
+from agent.uplink import ConsoleUplink, MqttUplink, Uplink
+from drivers import driver_class
+from drivers.base import Driver
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "status"
+TICK_S = 1.0
+
+
+def build_drivers(config: Config, emit: Any) -> list[Driver]:
+    """One driver per configured source section."""
+    drivers: list[Driver] = []
+    if config.gps is not None:
+        drivers.append(driver_class("gps", "nmea")(config.gps, emit))
+    return drivers
+
+
+class Agent:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        dry_run: bool = False,
+        until_drained: bool = False,
+        out: IO[str] = sys.stdout,
+    ):
+        self.config = config
+        self.until_drained = until_drained or dry_run
+        self._tmpdir: str | None = None
+        store_path = config.store.path
+        if dry_run:
+            # Never touch the real buffer: a dry run must not consume the real backlog.
+            self._tmpdir = tempfile.mkdtemp(prefix="lorry-agent-dry-run-")
+            store_path = Path(self._tmpdir) / "buffer.db"
+        self.store = Store(store_path, device=config.device.id, sync_interval_s=config.store.sync_interval_s)
+        self.uplink: Uplink = ConsoleUplink(config, self.store, out) if dry_run else MqttUplink(config, self.store)
+        self.policy = ReportingPolicy(config.reporting)
+        self.drivers = build_drivers(config, self.emit)
+        self.notifier = Notifier()
+        self.rejected = 0
+        self.last_fix: Reading | None = None
+        self.started_wall = time.time()
+        self._stop = threading.Event()
+        self._driver_stop = threading.Event()
+        self._driver_threads: list[threading.Thread] = []
+        self._finished: set[int] = set()
+
+    # -- the data path (driver threads) ---------------------------------------------------------
+
+    def emit(self, reading: Reading) -> None:
+        if reading.stream == "position":
+            self.last_fix = reading
+            if not self.policy.accept(reading.ts_ms, reading.data):
+                return
+        try:
+            self.store.append(reading)
+        except (ValueError, TypeError) as e:
+            self.rejected += 1
+            log.error("reading rejected (%s): %r", e, reading)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        self.store.start()
+        self.uplink.start()  # sinks before sources
+        for i, driver in enumerate(self.drivers):
+            t = threading.Thread(target=self._drive, args=(i, driver), name=f"driver-{driver.kind}", daemon=True)
+            t.start()
+            self._driver_threads.append(t)
+        self.notifier.ready()
+        log.info("lorry-agent running as %s with %d source(s)", self.config.device.id, len(self.drivers))
+        tick = min(TICK_S, self.notifier.watchdog_interval_s or TICK_S)
+        try:
+            while not self._stop.wait(tick):
+                if self._healthy():
+                    self.notifier.watchdog()
+                self._save_status()
+                if self.until_drained and self._drained():
+                    break
+        finally:
+            self._shutdown()
+        return 0
+
+    def _drive(self, index: int, driver: Driver) -> None:
+        """Run a driver; if it crashes (a bug, never bad input), restart it with backoff."""
+        attempt = 0
+        while not self._driver_stop.is_set():
+            try:
+                driver.run(self._driver_stop)
+                if driver.finite:
+                    break
+            except Exception:  # noqa: BLE001 - a driver bug must not take the agent down
+                log.exception("%s driver crashed; restarting it", driver.kind)
+                if driver.finite:
+                    break
+            attempt += 1
+            self._driver_stop.wait(backoff_delay(attempt, 1, 60))
+        self._finished.add(index)
+
+    def _healthy(self) -> bool:
+        return self.uplink.alive and self.store.writer_alive
+
+    def _drained(self) -> bool:
+        sources_done = all(d.finite for d in self.drivers) and len(self._finished) == len(self.drivers)
+        return sources_done and self.store.pending() == 0
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping()
+        self._driver_stop.set()
+        for t in self._driver_threads:
+            t.join(5)
+        self.store.flush()
+        self._save_status()
+        self.uplink.stop(timeout=10)
+        self._save_status()
+        self.store.close()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+        log.info("lorry-agent stopped")
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        fix = self.last_fix
+        return {
+            "device": self.config.device.id,
+            "pid": os.getpid(),
+            "updated": time.time(),
+            "started": self.started_wall,
+            "last_fix": None if fix is None else {"ts": iso_ms(fix.ts_ms), **fix.data},
+            "uplink": self.uplink.status(),
+            "drivers": {d.kind: d.status() for d in self.drivers},
+            "store": {
+                "commits": self.store.commits,
+                "durable_commits": self.store.durable_commits,
+                "commit_errors": self.store.commit_errors,
+                "last_error": self.store.last_error,
+            },
+            "rejected_readings": self.rejected,
+            "reporting": {"fixes": self.policy.considered, "reported": self.policy.reported},
+        }
+
+    def _save_status(self) -> None:
+        self.store.set_state(STATE_KEY, json.dumps(self.status(), default=str))
+
+
+def run(config: Config, *, dry_run: bool = False, until_drained: bool = False) -> int:
+    agent = Agent(config, dry_run=dry_run, until_drained=until_drained)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return agent.run()

@@ -1,0 +1,87 @@
+"""``lorry-agent status``: what a technician needs to see, read from the store file.
+
+Works whether or not the agent is running: the daemon keeps its status in the store's
+``state`` table, and the buffer itself is the truth about what has not been sent.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.reading import iso_ms
+from agent.store import buffer_summary
+
+# The daemon refreshes its status at least this often while it runs.
+STALE_S = 90
+
+
+def collect(store_path: Path) -> dict[str, Any]:
+    if not store_path.exists():
+        return {"store": str(store_path), "error": "no store yet (the agent has never run here)"}
+    conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=10)
+    try:
+        buffers = buffer_summary(conn)
+        state = dict(conn.execute("SELECT key, value FROM state").fetchall())
+    finally:
+        conn.close()
+    agent = json.loads(state.get("status", "null")) or {}
+    updated = agent.get("updated")
+    return {
+        "store": str(store_path),
+        "agent_running": bool(updated) and time.time() - updated < STALE_S,
+        "status_updated": _iso(updated),
+        "buffer": {
+            stream: {
+                "depth": b["count"],
+                "last_seq": b["last_seq"],
+                "oldest_unsent": iso_ms(b["oldest_ts_ms"]) if b["oldest_ts_ms"] is not None else None,
+                "oldest_unsent_seq": b["oldest_seq"],
+            }
+            for stream, b in buffers.items()
+        },
+        "last_fix": agent.get("last_fix"),
+        "last_publish": _iso(agent.get("uplink", {}).get("last_publish")),
+        "uplink": agent.get("uplink"),
+        "drivers": agent.get("drivers"),
+        "store_health": agent.get("store"),
+        "rejected_readings": agent.get("rejected_readings"),
+        "reporting": agent.get("reporting"),
+    }
+
+
+def render(s: dict[str, Any]) -> str:
+    if "error" in s:
+        return f"store: {s['store']}\n{s['error']}"
+    lines = [
+        f"store: {s['store']}",
+        f"agent: {'running' if s['agent_running'] else 'not running'} (status of {s['status_updated'] or 'never'})",
+        "buffer:",
+    ]
+    if not s["buffer"]:
+        lines.append("  (no readings yet)")
+    for stream, b in s["buffer"].items():
+        oldest = f", oldest unsent {b['oldest_unsent']} (seq {b['oldest_unsent_seq']})" if b["depth"] else ""
+        lines.append(f"  {stream:12s} {b['depth']:8d} unsent, last seq {b['last_seq']}{oldest}")
+    fix = s["last_fix"]
+    lines.append(
+        "last fix: "
+        + (f"{fix['ts']} {fix['lat']:.7f},{fix['lon']:.7f} {fix.get('speed_kmh')} km/h fix={fix.get('fix')}" if fix else "none")
+    )
+    up = s["uplink"] or {}
+    lines.append(f"last publish: {s['last_publish'] or 'never'}; connected: {up.get('connected', '?')}"
+                 + (f"; last error: {up['last_error']}" if up.get("last_error") else ""))
+    for name, d in (s["drivers"] or {}).items():
+        counters = ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool))
+        lines.append(f"{name}: {'connected' if d.get('connected') else 'not connected'}; {counters}"
+                     + (f"; last error: {d['last_error']}" if d.get("last_error") else ""))
+    if s.get("rejected_readings"):
+        lines.append(f"rejected readings: {s['rejected_readings']}")
+    return "\n".join(lines)
+
+
+def _iso(wall: float | None) -> str | None:
+    return iso_ms(int(wall * 1000)) if wall else None

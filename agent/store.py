@@ -1,0 +1,395 @@
+"""Store-and-forward buffer: every reading lands in SQLite before anyone tries to send it.
+
+Durability has two steps, so that neither a crash of the agent nor a power cut loses or
+re-numbers anything the backend may have seen:
+
+* **committed** — each reading is committed to the write-ahead log as soon as the writer
+  thread takes it (readings that arrive together share one transaction). A crash or SIGKILL of
+  the agent loses nothing committed; the OS holds it.
+* **durable** — every ``sync_interval_s`` (at once for urgent readings) a commit runs with
+  ``synchronous=FULL``, which fsyncs the whole WAL and so every commit before it. Only rows at
+  or below this durable mark are handed to the uplink, so a power cut can only lose readings
+  that nobody has seen, and a seq number the backend holds never returns with other content.
+
+Each stream numbers its readings 1, 2, 3… with no gaps; the counter is committed in the same
+transaction as the rows. A row is deleted only after the broker acknowledged it (``ack``);
+deletions ride along with the next commit, so an acknowledgement costs no write of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from agent.reading import Reading, encode_parts
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# How long the writer waits before retrying a commit that failed (disk error, lock).
+_RETRY_S = 1.0
+# Acknowledged rows are deleted with the next commit, or on their own after this delay or
+# past this many.
+_ACK_DELAY_S = 0.5
+_ACK_BATCH = 2000
+# Status values are written with the next commit, or on their own after this long.
+_STATE_INTERVAL_S = 30.0
+_IDLE_S = 5.0
+_MAX_BATCH = 20_000
+_STOP = object()
+
+
+@dataclass(slots=True, frozen=True)
+class Row:
+    id: int
+    stream: str
+    seq: int
+    ts_ms: int
+    body: str
+
+
+class StoreError(Exception):
+    pass
+
+
+class Store:
+    """The SQLite buffer. ``append`` and ``ack`` may be called from any thread."""
+
+    def __init__(self, path: Path | str, *, device: str, sync_interval_s: float = 1.0):
+        self.path = Path(path)
+        self.device = device
+        self.sync_interval_s = sync_interval_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._wdb = _open(self.path)
+        self._create_schema(self._wdb)
+        self._rconn = _connect(self.path)
+        self._rlock = threading.Lock()
+
+        self._seq: dict[str, int] = dict(self._wdb.execute("SELECT stream, last_seq FROM streams").fetchall())
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queued = 0
+        self._count_lock = threading.Lock()
+        self._acked: set[int] = set()
+        self._ack_lock = threading.Lock()
+        self._state: dict[str, str] = {}
+        self._state_dirty_since: float | None = None
+        self._undurable_since: float | None = None
+        self._full_sync = False
+        max_id = self._wdb.execute("SELECT COALESCE(MAX(id), 0) FROM readings").fetchone()[0]
+        self.durable_id: int = max_id
+        """Rows with an id up to here are fsynced and may be sent."""
+        self._changed = threading.Condition()
+        self.commits = 0
+        self.durable_commits = 0
+        self.commit_errors = 0
+        self.last_error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- schema -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _create_schema(db: sqlite_utils.Database) -> None:
+        # AUTOINCREMENT: ids never go back, even when the newest row has been deleted, so the
+        # uplink can page through a stream by id.
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS readings ("
+            " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " stream TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL,"
+            " body TEXT NOT NULL)"
+        )
+        db.execute("CREATE INDEX IF NOT EXISTS readings_stream ON readings(stream)")
+        db["streams"].create({"stream": str, "last_seq": int}, pk="stream", if_not_exists=True)
+        db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def append(self, reading: Reading) -> None:
+        """Queue a reading for the writer; raises ValueError/TypeError if it cannot be encoded."""
+        head, tail = encode_parts(self.device, reading)
+        with self._count_lock:
+            self._queued += 1
+        self._q.put((reading.stream, reading.ts_ms, head, tail, reading.urgent))
+
+    def ack(self, ids: Iterable[int]) -> None:
+        """The broker has these rows: delete them with the next commit."""
+        with self._ack_lock:
+            self._acked.update(ids)
+            big = len(self._acked) >= _ACK_BATCH
+        if big:
+            self._q.put(None)
+
+    def set_state(self, key: str, value: str) -> None:
+        """Keep a status value (last fix, counters…) for ``lorry-agent status``; written lazily."""
+        if self._state.get(key) != value:
+            self._state[key] = value
+            if self._state_dirty_since is None:
+                self._state_dirty_since = time.monotonic()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Commit everything queued so far and make it durable; True once done."""
+        if self._thread is None or not self._thread.is_alive():
+            return self._commit(self._drain()[0], durable=True)
+        done = threading.Event()
+        self._q.put(done)
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        """Final commit (durable), then release the database."""
+        if self._thread is not None and self._thread.is_alive():
+            self._q.put(_STOP)
+            self._thread.join(30)
+        else:
+            self._commit(self._drain()[0], durable=True)
+        self._wdb.conn.close()
+        with self._rlock:
+            self._rconn.close()
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            try:
+                first = self._q.get(timeout=self._idle_wait())
+            except queue.Empty:
+                first = None
+            batch, markers = self._drain(first)
+            stop = _STOP in markers
+            flushes = [m for m in markers if isinstance(m, threading.Event)]
+            durable = stop or bool(flushes) or self._sync_due() or any(r[4] for r in batch)
+            if batch or durable or self._acks_due() or self._state_due():
+                while not self._commit(batch, durable=durable):
+                    if stop:
+                        log.error("final commit failed; %d readings not stored", len(batch))
+                        break
+                    time.sleep(_RETRY_S)
+                    more, later = self._drain()
+                    batch += more
+                    stop = stop or _STOP in later
+                    flushes += [m for m in later if isinstance(m, threading.Event)]
+            for f in flushes:
+                f.set()
+
+    def _drain(self, first: Any = None) -> tuple[list[tuple], list[Any]]:
+        """Everything queued right now: readings (one transaction) and control markers."""
+        batch: list[tuple] = []
+        markers: list[Any] = []
+        item = first
+        while True:
+            if isinstance(item, tuple):
+                batch.append(item)
+            elif item is not None:
+                markers.append(item)
+            if len(batch) >= _MAX_BATCH:
+                break
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+        return batch, markers
+
+    def _idle_wait(self) -> float:
+        now = time.monotonic()
+        due = [now + _IDLE_S]
+        if self._undurable_since is not None:
+            due.append(self._undurable_since + self.sync_interval_s)
+        if self._acked:
+            due.append(now + _ACK_DELAY_S)
+        if self._state_dirty_since is not None:
+            due.append(self._state_dirty_since + _STATE_INTERVAL_S)
+        return max(0.0, min(due) - now)
+
+    def _sync_due(self) -> bool:
+        return (
+            self._undurable_since is not None
+            and time.monotonic() - self._undurable_since >= self.sync_interval_s
+        )
+
+    def _acks_due(self) -> bool:
+        return bool(self._acked)
+
+    def _state_due(self) -> bool:
+        return (
+            self._state_dirty_since is not None
+            and time.monotonic() - self._state_dirty_since >= _STATE_INTERVAL_S
+        )
+
+    def _commit(self, batch: list[tuple], durable: bool) -> bool:
+        """One transaction: new rows, their seq counters, pending deletions, state."""
+        conn = self._wdb.conn
+        with self._ack_lock:
+            acked = list(self._acked)
+        seq = dict(self._seq)
+        rows = []
+        for stream, ts, head, tail, _urgent in batch:
+            n = seq.get(stream, 0) + 1
+            seq[stream] = n
+            rows.append((stream, n, ts, f"{head}{n}{tail}"))
+        state = list(self._state.items()) if self._state_dirty_since is not None else []
+        try:
+            if durable != self._full_sync:
+                conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._full_sync = durable
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if rows:
+                    conn.executemany(
+                        "INSERT INTO readings (stream, seq, ts, body) VALUES (?,?,?,?)", rows
+                    )
+                    conn.executemany(
+                        "INSERT INTO streams (stream, last_seq) VALUES (?, ?) "
+                        "ON CONFLICT(stream) DO UPDATE SET last_seq = excluded.last_seq",
+                        [(s, seq[s]) for s in {r[0] for r in rows}],
+                    )
+                if acked:
+                    conn.executemany("DELETE FROM readings WHERE id = ?", [(i,) for i in acked])
+                if durable:
+                    # Something must be written for the FULL commit to sync the WAL.
+                    state.append(("durable_at", f"{time.time():.3f}"))
+                if state:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", state
+                    )
+                top = conn.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'readings'"
+                ).fetchone()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            self.commit_errors += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.error("store commit failed (%s); %d readings held in memory", e, len(rows))
+            return False
+        self._seq = seq
+        with self._count_lock:
+            self._queued -= len(rows)
+        self.commits += 1
+        if state:
+            self._state_dirty_since = None
+        if acked:
+            with self._ack_lock:
+                self._acked.difference_update(acked)
+        if durable:
+            self.durable_commits += 1
+            self._undurable_since = None
+            with self._changed:
+                self.durable_id = top[0] if top else 0
+                self._changed.notify_all()
+        elif rows and self._undurable_since is None:
+            self._undurable_since = time.monotonic()
+        return True
+
+    # -- reading (uplink, status) -------------------------------------------------------------
+
+    def wait_for_change(self, seen_durable_id: int, timeout: float) -> int:
+        """Block until rows beyond ``seen_durable_id`` are durable, or timeout."""
+        with self._changed:
+            if self.durable_id <= seen_durable_id:
+                self._changed.wait(timeout)
+            return self.durable_id
+
+    def fetch(self, stream: str, after_id: int, limit: int) -> list[Row]:
+        """Durable, unacknowledged rows of a stream after ``after_id``, oldest first."""
+        with self._rlock:
+            cur = self._rconn.execute(
+                "SELECT id, stream, seq, ts, body FROM readings "
+                "WHERE stream = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                (stream, after_id, self.durable_id, limit),
+            )
+            rows = cur.fetchall()
+        acked = self._acked
+        return [Row(*r) for r in rows if r[0] not in acked]
+
+    def newest(self, stream: str) -> Row | None:
+        with self._rlock:
+            r = self._rconn.execute(
+                "SELECT id, stream, seq, ts, body FROM readings "
+                "WHERE stream = ? AND id <= ? ORDER BY id DESC LIMIT 1",
+                (stream, self.durable_id),
+            ).fetchone()
+        return Row(*r) if r and r[0] not in self._acked else None
+
+    def streams(self) -> list[str]:
+        with self._rlock:
+            return [r[0] for r in self._rconn.execute("SELECT stream FROM streams")]
+
+    def depth(self) -> dict[str, int]:
+        """Unacknowledged rows per stream, including those not yet committed."""
+        return {s: d["count"] for s, d in buffer_summary(self._rconn, self._rlock).items()}
+
+    def pending(self) -> int:
+        """Readings not yet acknowledged by the broker (queued, buffered or in flight)."""
+        with self._rlock:
+            n = self._rconn.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+        with self._ack_lock:
+            n -= len(self._acked)
+        return n + self._queued
+
+
+def buffer_summary(conn: sqlite3.Connection, lock: threading.Lock | None = None) -> dict[str, dict]:
+    sql = (
+        "SELECT s.stream, s.last_seq, COUNT(r.id), MIN(r.ts), MIN(r.seq) FROM streams s "
+        "LEFT JOIN readings r ON r.stream = s.stream GROUP BY s.stream ORDER BY s.stream"
+    )
+    if lock:
+        with lock:
+            rows = conn.execute(sql).fetchall()
+    else:
+        rows = conn.execute(sql).fetchall()
+    return {
+        s: {"count": n, "last_seq": last, "oldest_ts_ms": oldest, "oldest_seq": first}
+        for s, last, n, oldest, first in rows
+    }
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: we open transactions ourselves (BEGIN IMMEDIATE), so SQLite never
+    # starts one behind our back and commit points are exactly where the code says.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+def _open(path: Path) -> sqlite_utils.Database:
+    """Open the buffer; a file that is not a sound database is moved aside and started afresh."""
+    try:
+        db = sqlite_utils.Database(_connect(path))
+        db.enable_wal()
+        ok = db.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {ok}")
+    except sqlite3.DatabaseError as e:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        log.error("store %s is damaged (%s); moved aside to %s, starting a new one", path, e, aside)
+        try:
+            db.conn.close()  # type: ignore[possibly-undefined]
+        except Exception:
+            pass
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{path}{suffix}")
+            if src.exists():
+                os.replace(src, Path(f"{aside}{suffix}"))
+        db = sqlite_utils.Database(_connect(path))
+        db.enable_wal()
+    db.execute("PRAGMA synchronous = NORMAL")
+    return db

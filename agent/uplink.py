@@ -1,0 +1,278 @@
+"""Uplinks: hand batches from the outbox to the backend and report what was acknowledged.
+
+``MqttUplink`` is the real one; ``ConsoleUplink`` prints what would be published (``run
+--dry-run``). Both run in their own thread and delete rows only on acknowledgement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import sys
+import threading
+import time
+from typing import IO, Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+
+from agent.backoff import backoff_delay
+from agent.config import Config
+from agent.outbox import Batch, Outbox
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+
+STATUS_ONLINE = b"online"
+STATUS_OFFLINE = b"offline"
+
+
+class Uplink:
+    """Common bookkeeping; subclasses implement ``_serve``."""
+
+    def __init__(self, config: Config, store: Store):
+        self.config = config
+        self.store = store
+        self.outbox = Outbox(store, max_batch=config.mqtt.max_batch, max_bytes=config.mqtt.max_message_bytes)
+        self.connected = False
+        self.messages_acked = 0
+        self.readings_acked = 0
+        self.last_ack_wall: float | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._guarded, name=type(self).__name__, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "messages_acked": self.messages_acked,
+            "readings_acked": self.readings_acked,
+            "last_publish": self.last_ack_wall,
+            "last_error": self.last_error,
+        }
+
+    def _acked(self, batch: Batch) -> None:
+        self.store.ack(batch.ids)
+        self.messages_acked += 1
+        self.readings_acked += batch.count
+        self.last_ack_wall = time.time()
+
+    def _guarded(self) -> None:
+        # The uplink must outlive any bug in one connection: log it, back off, carry on.
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                self._serve()
+                return
+            except Exception as e:  # noqa: BLE001 - last line of defence for a daemon thread
+                attempt += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                log.exception("uplink failed; restarting it")
+                self._stop.wait(backoff_delay(attempt, 1, 60))
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+
+class ConsoleUplink(Uplink):
+    """Prints each message as ``{"topic": ..., "payload": ...}`` on one line; acks at once."""
+
+    def __init__(self, config: Config, store: Store, out: IO[str] = sys.stdout):
+        super().__init__(config, store)
+        self.out = out
+
+    def _serve(self) -> None:
+        self.connected = True
+        seen = -1
+        while not self._stop.is_set():
+            batch = self.outbox.next_batch()
+            if batch is None:
+                seen = self.store.wait_for_change(max(seen, self.store.durable_id), 0.2)
+                continue
+            topic = json.dumps(self.config.topic(batch.stream))
+            self.out.write(f'{{"topic":{topic},"payload":{batch.payload.decode()}}}\n')
+            self.out.flush()
+            self._acked(batch)
+
+
+class MqttUplink(Uplink):
+    """QoS 1 publishing with a bounded window of unacknowledged messages.
+
+    Each connection gets a fresh paho client: paho would otherwise re-send its whole
+    in-memory queue at once on reconnect, and that queue dies with the process anyway. The
+    store is the queue; a new connection simply pages through it again.
+    """
+
+    def __init__(self, config: Config, store: Store):
+        super().__init__(config, store)
+        m = config.mqtt
+        self.status_topic = config.topic("status")
+        self.connects = 0
+        self.disconnects = 0
+        self._inflight: dict[int, Batch] = {}
+        self._connack: mqtt.ReasonCode | None = None
+        self._lost = False
+
+    def status(self) -> dict[str, Any]:
+        return super().status() | {
+            "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
+            "connects": self.connects,
+            "disconnects": self.disconnects,
+            "inflight": len(self._inflight),
+        }
+
+    def _serve(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            client = self._client()
+            if self._connect(client):
+                attempt = 0
+                self._session(client)
+            else:
+                attempt += 1
+            self._close(client)
+            if not self._stop.is_set():
+                m = self.config.mqtt
+                self._stop.wait(backoff_delay(attempt or 1, m.reconnect_min_s, m.reconnect_max_s))
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _client(self) -> mqtt.Client:
+        m = self.config.mqtt
+        v5 = m.protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.config.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else True,
+            reconnect_on_failure=False,
+        )
+        client.enable_logger(logging.getLogger("paho"))
+        client.max_inflight_messages_set(m.max_inflight + 1)  # +1: the status message
+        client.will_set(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
+        if m.username is not None:
+            client.username_pw_set(m.username, self._password())
+        if m.tls is not None:
+            client.tls_set(
+                ca_certs=str(m.tls.ca_file),
+                certfile=str(m.tls.cert_file) if m.tls.cert_file else None,
+                keyfile=str(m.tls.key_file) if m.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+            client.tls_insecure_set(m.tls.insecure_skip_hostname)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        return client
+
+    def _password(self) -> str | None:
+        path = self.config.mqtt.password_file
+        if path is None:
+            return None
+        # Read at each connection so a rotated password is picked up without a restart.
+        return path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
+
+    def _connect(self, client: mqtt.Client) -> bool:
+        m = self.config.mqtt
+        self._connack = None
+        self._lost = False
+        try:
+            client.connect(m.host, m.port, keepalive=m.keepalive_s)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            self._error(f"cannot connect to {m.host}:{m.port}: {e}")
+            return False
+        deadline = time.monotonic() + max(10.0, client.connect_timeout * 2)
+        while self._connack is None and not self._lost and not self._stop.is_set():
+            if client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
+                self._error(f"no CONNACK from {m.host}:{m.port}")
+                return False
+        if self._connack is None or self._connack.is_failure:
+            self._error(f"broker refused the connection: {self._connack}")
+            return False
+        self.connects += 1
+        self.connected = True
+        log.info("connected to %s:%d", m.host, m.port)
+        client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
+        return True
+
+    def _session(self, client: mqtt.Client) -> None:
+        """Publish until the connection drops or we are told to stop."""
+        self.outbox.reset()
+        self._inflight.clear()
+        window = self.config.mqtt.max_inflight
+        seen = self.store.durable_id
+        while not self._stop.is_set():
+            while len(self._inflight) < window:
+                batch = self.outbox.next_batch()
+                if batch is None:
+                    break
+                info = client.publish(self.config.topic(batch.stream), batch.payload, qos=1)
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    self._error(f"publish failed: {mqtt.error_string(info.rc)}")
+                    return
+                self._inflight[info.mid] = batch
+            busy = len(self._inflight) >= window or self.store.durable_id != seen
+            seen = self.store.durable_id
+            rc = client.loop(timeout=0.05 if busy or self._inflight else 0.2)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._lost:
+                self._error(f"connection lost: {mqtt.error_string(rc) if rc else 'disconnected'}")
+                return
+        self._goodbye(client)
+
+    def _goodbye(self, client: mqtt.Client) -> None:
+        """Clean shutdown: wait briefly for acks in flight, then say offline ourselves."""
+        deadline = time.monotonic() + 3.0
+        info = client.publish(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
+        while time.monotonic() < deadline and (self._inflight or not info.is_published()):
+            if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return
+        client.disconnect()
+
+    def _close(self, client: mqtt.Client) -> None:
+        if self.connected:
+            self.disconnects += 1
+        self.connected = False
+        self._inflight.clear()
+        sock = client.socket()
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _error(self, message: str) -> None:
+        if message != self.last_error:
+            log.warning("MQTT: %s", message)
+        self.last_error = message
+
+    # -- paho callbacks (called from client.loop in our own thread) ---------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: mqtt.ReasonCode, props: Any) -> None:
+        self._connack = reason
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: mqtt.ReasonCode, props: Any) -> None:
+        self._lost = True
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: mqtt.ReasonCode, props: Any) -> None:
+        batch = self._inflight.pop(mid, None)
+        if batch is None:
+            return  # the status message
+        if reason.is_failure:
+            self._error(f"broker rejected {batch.count} {batch.stream} readings: {reason}")
+            return
+        self._acked(batch)

@@ -1,0 +1,158 @@
+"""GPS over NMEA 0183: a serial port (any pyserial URL) or a replayed capture file."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import serial
+
+from agent.backoff import backoff_delay
+from agent.config import GpsConfig
+from agent.reading import Reading, iso_ms
+from drivers.base import Driver, Emit
+from drivers.nmea import Fix, NmeaAssembler
+
+log = logging.getLogger(__name__)
+
+# NMEA sentences are at most 82 characters; anything much longer is noise or a lost newline.
+MAX_LINE = 256
+# With no data for this long, the epoch in progress is complete (the receiver went quiet).
+QUIET_S = 1.5
+
+
+class NmeaGps(Driver):
+    kind = "gps"
+
+    def __init__(self, config: GpsConfig, emit: Emit):
+        super().__init__(config, emit)
+        self.finite = config.replay is not None
+        self.nmea = NmeaAssembler()
+        self.opens = 0
+        self.open_failures = 0
+        self.overlong = 0
+        self.connected = False
+        self.last_error: str | None = None
+        self.last_fix: Fix | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        if self.config.replay is not None:
+            self._replay(self.config.replay, stop)
+        else:
+            self._serial(stop)
+
+    def status(self) -> dict[str, Any]:
+        c = self.nmea.counters
+        fix = self.last_fix
+        return {
+            "source": str(self.config.replay or self.config.port),
+            "connected": self.connected,
+            "opens": self.opens,
+            "open_failures": self.open_failures,
+            "last_error": self.last_error,
+            "last_fix_ts": iso_ms(fix.ts_ms) if fix else None,
+            "lines": c.lines,
+            "fixes": c.fixes,
+            "bad_checksum": c.bad_checksum,
+            "garbage": c.garbage + self.overlong,
+            "bad_field": c.bad_field,
+            "no_fix": c.no_fix,
+            "no_date": c.no_date,
+            "ignored": c.ignored,
+        }
+
+    def _emit(self, fixes: Iterator[Fix]) -> None:
+        for fix in fixes:
+            self.last_fix = fix
+            self.emit(Reading("position", fix.ts_ms, fix.as_data()))
+
+    # -- replay -------------------------------------------------------------------------------
+
+    def _replay(self, path: Path, stop: threading.Event) -> None:
+        speed = self.config.replay_speed
+        clock: tuple[float, int] | None = None  # (monotonic start, first fix time)
+        self.connected = True
+        with _open_capture(path) as f:
+            for line in f:
+                if stop.is_set():
+                    return
+                if line.startswith(b"#"):
+                    continue
+                for fix in self.nmea.feed(line):
+                    if speed > 0:
+                        if clock is None:
+                            clock = (time.monotonic(), fix.ts_ms)
+                        due = clock[0] + (fix.ts_ms - clock[1]) / 1000 / speed
+                        if stop.wait(max(0.0, due - time.monotonic())):
+                            return
+                    self._emit(iter((fix,)))
+        self._emit(self.nmea.finish())
+        self.connected = False
+
+    # -- serial -------------------------------------------------------------------------------
+
+    def _serial(self, stop: threading.Event) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                port = serial.serial_for_url(
+                    self.config.port, baudrate=self.config.baudrate, timeout=0.5
+                )
+            except (serial.SerialException, OSError, ValueError) as e:
+                self.open_failures += 1
+                self._lost(f"cannot open {self.config.port}: {e}", failures == 0)
+                failures += 1
+                stop.wait(backoff_delay(failures, self.config.reopen_min_s, self.config.reopen_max_s))
+                continue
+            self.opens += 1
+            self.connected = True
+            failures = 0
+            log.info("GPS %s open", self.config.port)
+            try:
+                self._read(port, stop)
+            except (serial.SerialException, OSError) as e:
+                self._lost(f"{self.config.port} lost: {e}", True)
+                stop.wait(self.config.reopen_min_s)
+            finally:
+                self.connected = False
+                self._emit(self.nmea.finish())
+                try:
+                    port.close()
+                except Exception:  # closing a vanished device may fail; it is gone either way
+                    pass
+
+    def _lost(self, message: str, loud: bool) -> None:
+        self.last_error = message
+        (log.warning if loud else log.debug)("GPS: %s", message)
+
+    def _read(self, port: serial.SerialBase, stop: threading.Event) -> None:
+        buf = b""
+        quiet_since = time.monotonic()
+        while not stop.is_set():
+            chunk = port.read(max(1, port.in_waiting))
+            now = time.monotonic()
+            if not chunk:
+                if now - quiet_since >= QUIET_S:
+                    self._emit(self.nmea.finish())
+                    quiet_since = now
+                continue
+            quiet_since = now
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                self._emit(self.nmea.feed(line))
+            if len(buf) > MAX_LINE:
+                self.overlong += 1
+                buf = b""
+
+
+def _open_capture(path: Path) -> IO[bytes]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
