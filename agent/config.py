@@ -194,7 +194,8 @@ def _describe(err: dict[str, Any]) -> str:
         model = _model_at(loc[:-1])
         return f"{where}: unknown key; " + _allowed(model, loc[:-1])
     if kind == "missing":
-        return f"{where}: required key is missing"
+        what = "section" if _model_at(loc) is not None else "key"
+        return f"{where}: required {what} is missing"
     msg = err["msg"]
     if kind == "value_error":
         msg = msg.removeprefix("Value error, ")
@@ -209,10 +210,13 @@ def _describe(err: dict[str, Any]) -> str:
 
 
 def _where(loc: list[str]) -> str:
+    """``[section]`` for a whole section, ``[section] key`` for a key, ``key`` at top level."""
     if not loc:
         return "(top level)"
+    if _model_at(loc) is not None:
+        return f"[{'.'.join(loc)}]"
     if len(loc) == 1:
-        return f"[{loc[0]}]" if _model_at(loc) is not None else loc[0]
+        return loc[0]
     return f"[{'.'.join(loc[:-1])}] {loc[-1]}"
 
 

@@ -63,6 +63,7 @@ class Agent:
         self.rejected = 0
         self.last_fix: Reading | None = None
         self.started_wall = time.time()
+        self.stopped_wall: float | None = None
         self._stop = threading.Event()
         self._driver_stop = threading.Event()
         self._driver_threads: list[threading.Thread] = []
@@ -138,6 +139,7 @@ class Agent:
         self.store.flush()
         self._save_status()
         self.uplink.stop(timeout=10)
+        self.stopped_wall = time.time()
         self._save_status()
         self.store.close()
         if self._tmpdir:
@@ -153,6 +155,7 @@ class Agent:
             "pid": os.getpid(),
             "updated": time.time(),
             "started": self.started_wall,
+            "stopped": self.stopped_wall,
             "last_fix": None if fix is None else {"ts": iso_ms(fix.ts_ms), **fix.data},
             "uplink": self.uplink.status(),
             "drivers": {d.kind: d.status() for d in self.drivers},
@@ -161,6 +164,7 @@ class Agent:
                 "durable_commits": self.store.durable_commits,
                 "commit_errors": self.store.commit_errors,
                 "last_error": self.store.last_error,
+                "damaged_files": self.store.damaged_files,
             },
             "rejected_readings": self.rejected,
             "reporting": {"fixes": self.policy.considered, "reported": self.policy.reported},

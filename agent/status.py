@@ -32,7 +32,7 @@ def collect(store_path: Path) -> dict[str, Any]:
     updated = agent.get("updated")
     return {
         "store": str(store_path),
-        "agent_running": bool(updated) and time.time() - updated < STALE_S,
+        "agent_running": bool(updated) and not agent.get("stopped") and time.time() - updated < STALE_S,
         "status_updated": _iso(updated),
         "buffer": {
             stream: {

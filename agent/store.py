@@ -71,7 +71,9 @@ class Store:
         self.device = device
         self.sync_interval_s = sync_interval_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._wdb = _open(self.path)
+        self._wdb, aside = _open(self.path)
+        self.damaged_files: list[str] = [str(aside)] if aside else []
+        """Damaged store files found at start and moved aside."""
         self._create_schema(self._wdb)
         self._rconn = _connect(self.path)
         self._rlock = threading.Lock()
@@ -337,6 +339,11 @@ class Store:
         """Unacknowledged rows per stream, including those not yet committed."""
         return {s: d["count"] for s, d in buffer_summary(self._rconn, self._rlock).items()}
 
+    @property
+    def queued(self) -> int:
+        """Readings appended but not yet committed."""
+        return self._queued
+
     def pending(self) -> int:
         """Readings not yet acknowledged by the broker (queued, buffered or in flight)."""
         with self._rlock:
@@ -370,21 +377,24 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _open(path: Path) -> sqlite_utils.Database:
-    """Open the buffer; a file that is not a sound database is moved aside and started afresh."""
+def _open(path: Path) -> tuple[sqlite_utils.Database, Path | None]:
+    """Open the buffer. A file that is not a sound database is moved aside (kept for
+    forensics) and a new one started: a damaged card must never put the agent in a crash loop.
+    Returns the database and where a damaged file went, if one did."""
+    conn = None
     try:
-        db = sqlite_utils.Database(_connect(path))
+        conn = _connect(path)
+        db = sqlite_utils.Database(conn)
         db.enable_wal()
         ok = db.execute("PRAGMA quick_check").fetchone()[0]
         if ok != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {ok}")
+        aside = None
     except sqlite3.DatabaseError as e:
+        if conn is not None:
+            conn.close()
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
         log.error("store %s is damaged (%s); moved aside to %s, starting a new one", path, e, aside)
-        try:
-            db.conn.close()  # type: ignore[possibly-undefined]
-        except Exception:
-            pass
         for suffix in ("", "-wal", "-shm"):
             src = Path(f"{path}{suffix}")
             if src.exists():
@@ -392,4 +402,4 @@ def _open(path: Path) -> sqlite_utils.Database:
         db = sqlite_utils.Database(_connect(path))
         db.enable_wal()
     db.execute("PRAGMA synchronous = NORMAL")
-    return db
+    return db, aside

@@ -1,0 +1,96 @@
+"""The outbox: what the uplink sends next, in what order and in what batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.outbox import Outbox
+from agent.reading import Reading
+from agent.store import Store
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store(tmp_path / "b.db", device="D", sync_interval_s=0.05)
+    s.start()
+    yield s
+    s.close()
+
+
+def fill(store: Store, stream: str, n: int, **data: object) -> None:
+    for i in range(n):
+        store.append(Reading(stream, 1_790_000_000_000 + i, {"i": i, **data}))
+    store.flush()
+
+
+def drain(outbox: Outbox, store: Store | None = None) -> list[tuple[str, list[int]]]:
+    """(stream, seqs) of each message, acknowledging as we go when a store is given."""
+    out = []
+    while (b := outbox.next_batch()) is not None:
+        obj = json.loads(b.payload)
+        out.append((b.stream, [r["seq"] for r in obj] if isinstance(obj, list) else [obj["seq"]]))
+        if isinstance(obj, list):
+            assert len(obj) > 1, "a lone reading is sent as an object, not a one-element array"
+        if store is not None:
+            store.ack(b.ids)
+    return out
+
+
+def test_backlog_sends_the_newest_position_first_then_oldest_first(store: Store) -> None:
+    fill(store, "position", 10)
+    msgs = drain(Outbox(store, max_batch=4, max_bytes=1 << 20))
+    assert msgs == [("position", [10]), ("position", [1, 2, 3, 4]), ("position", [5, 6, 7, 8]), ("position", [9])]
+
+
+def test_a_single_position_is_just_sent(store: Store) -> None:
+    fill(store, "position", 1)
+    assert drain(Outbox(store, max_batch=4, max_bytes=1 << 20)) == [("position", [1])]
+
+
+def test_events_go_before_positions_and_other_streams_after(store: Store) -> None:
+    fill(store, "can", 2)
+    fill(store, "position", 3)
+    fill(store, "alarm", 2)
+    fill(store, "zzz-custom", 1)
+    msgs = drain(Outbox(store, max_batch=10, max_bytes=1 << 20))
+    assert msgs == [("alarm", [1, 2]), ("position", [3]), ("position", [1, 2]), ("can", [1, 2]), ("zzz-custom", [1])]
+
+
+def test_messages_respect_the_byte_limit(store: Store) -> None:
+    fill(store, "position", 20, pad="x" * 100)
+    size = len(store.fetch("position", 0, 1)[0].body)
+    limit = 3 * size + 10
+    outbox = Outbox(store, max_batch=100, max_bytes=limit)
+    msgs = []
+    while (b := outbox.next_batch()) is not None:
+        assert len(b.payload) <= limit
+        msgs.append(b.count)
+    assert sum(msgs) == 20 and max(msgs) == 3
+
+
+def test_a_reading_larger_than_the_limit_still_goes_alone(store: Store) -> None:
+    fill(store, "position", 2, pad="x" * 500)
+    assert [b for b in drain(Outbox(store, max_batch=100, max_bytes=100))] == [("position", [2]), ("position", [1])]
+
+
+def test_a_new_connection_resends_what_was_not_acknowledged(store: Store) -> None:
+    fill(store, "position", 6)
+    outbox = Outbox(store, max_batch=2, max_bytes=1 << 20)
+    first = outbox.next_batch()
+    second = outbox.next_batch()
+    assert first is not None and second is not None
+    store.ack(first.ids)  # the newest made it; the batch [1, 2] was in flight when the link dropped
+    outbox.reset()
+    assert drain(outbox) == [("position", [1, 2]), ("position", [3, 4]), ("position", [5])]
+
+
+def test_idle_outbox_notices_new_durable_rows(store: Store) -> None:
+    outbox = Outbox(store, max_batch=10, max_bytes=1 << 20)
+    assert outbox.next_batch() is None
+    fill(store, "position", 1)
+    assert drain(outbox, store) == [("position", [1])]
+    fill(store, "position", 1)
+    assert drain(outbox, store) == [("position", [2])]
