@@ -18,6 +18,9 @@ from agent.reading import STREAM_PRIORITY
 from agent.store import Row, Store
 
 NEWEST_FIRST_STREAM = "position"
+# Stop handing out batches while this many acknowledged rows wait for deletion: on a fast link
+# acknowledgements can outrun the store writer, and the ids would pile up in memory.
+MAX_ACKS_WAITING = 10_000
 
 
 @dataclass(slots=True, frozen=True)
@@ -49,7 +52,7 @@ class Outbox:
 
     def next_batch(self) -> Batch | None:
         durable = self.store.durable_id
-        if durable == self._idle_at:
+        if durable == self._idle_at or self.store.acks_waiting >= MAX_ACKS_WAITING:
             return None
         if durable != self._order_at:
             self._order, self._order_at = _ordered(self.store.streams()), durable

@@ -84,6 +84,7 @@ class Store:
         self._count_lock = threading.Lock()
         self._acked: set[int] = set()
         self._ack_lock = threading.Lock()
+        self._visibility = threading.Lock()
         self._state: dict[str, str] = {}
         self._state_dirty_since: float | None = None
         self._undurable_since: float | None = None
@@ -140,6 +141,11 @@ class Store:
         if big:
             self._q.put(None)
 
+    @property
+    def acks_waiting(self) -> int:
+        """Acknowledged rows not yet deleted; the uplink pauses when the writer falls behind."""
+        return len(self._acked)
+
     def set_state(self, key: str, value: str) -> None:
         """Keep a status value (last fix, counters…) for ``lorry-agent status``; written lazily."""
         if self._state.get(key) != value:
@@ -150,7 +156,7 @@ class Store:
     def flush(self, timeout: float = 10.0) -> bool:
         """Commit everything queued so far and make it durable; True once done."""
         if self._thread is None or not self._thread.is_alive():
-            return self._commit(self._drain()[0], durable=True)
+            return self._commit_all()
         done = threading.Event()
         self._q.put(done)
         return done.wait(timeout)
@@ -161,10 +167,19 @@ class Store:
             self._q.put(_STOP)
             self._thread.join(30)
         else:
-            self._commit(self._drain()[0], durable=True)
+            self._commit_all()
         self._wdb.conn.close()
         with self._rlock:
             self._rconn.close()
+
+    def _commit_all(self) -> bool:
+        """Commit everything queued, without the writer thread (before start, after a stop)."""
+        while True:
+            batch, _markers = self._drain()
+            if not self._commit(batch, durable=True):
+                return False
+            if not batch:
+                return True
 
     def _run(self) -> None:
         stop = False
@@ -262,7 +277,7 @@ class Store:
                         [(s, seq[s]) for s in {r[0] for r in rows}],
                     )
                 if acked:
-                    conn.executemany("DELETE FROM readings WHERE id = ?", [(i,) for i in acked])
+                    conn.executemany("DELETE FROM readings WHERE id BETWEEN ? AND ?", _ranges(acked))
                 if durable:
                     # Something must be written for the FULL commit to sync the WAL.
                     state.append(("durable_at", f"{time.time():.3f}"))
@@ -273,7 +288,16 @@ class Store:
                 top = conn.execute(
                     "SELECT seq FROM sqlite_sequence WHERE name = 'readings'"
                 ).fetchone()
-                conn.execute("COMMIT")
+                # COMMIT and forgetting the deleted ids are one step for pending(): otherwise
+                # it could count a deleted row as still unacknowledged-and-acknowledged.
+                self._visibility.acquire()
+                try:
+                    conn.execute("COMMIT")
+                    if acked:
+                        with self._ack_lock:
+                            self._acked.difference_update(acked)
+                finally:
+                    self._visibility.release()
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -288,9 +312,6 @@ class Store:
         self.commits += 1
         if state:
             self._state_dirty_since = None
-        if acked:
-            with self._ack_lock:
-                self._acked.difference_update(acked)
         if durable:
             self.durable_commits += 1
             self._undurable_since = None
@@ -346,11 +367,23 @@ class Store:
 
     def pending(self) -> int:
         """Readings not yet acknowledged by the broker (queued, buffered or in flight)."""
-        with self._rlock:
+        with self._count_lock:
+            queued = self._queued  # read first: a reading moves from queued to a row, never back
+        with self._visibility, self._rlock:
             n = self._rconn.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
-        with self._ack_lock:
             n -= len(self._acked)
-        return n + self._queued
+        return n + queued
+
+
+def _ranges(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted ids as (first, last) runs: acknowledged batches are mostly consecutive ids."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if out and i == out[-1][1] + 1:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
 
 
 def buffer_summary(conn: sqlite3.Connection, lock: threading.Lock | None = None) -> dict[str, dict]:

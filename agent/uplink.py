@@ -126,6 +126,7 @@ class MqttUplink(Uplink):
         self._inflight: dict[int, Batch] = {}
         self._connack: mqtt.ReasonCode | None = None
         self._lost = False
+        self._paho_error: str | None = None
 
     def status(self) -> dict[str, Any]:
         return super().status() | {
@@ -175,6 +176,7 @@ class MqttUplink(Uplink):
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
             client.tls_insecure_set(m.tls.insecure_skip_hostname)
+        client.on_log = self._on_log
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -191,18 +193,31 @@ class MqttUplink(Uplink):
         m = self.config.mqtt
         self._connack = None
         self._lost = False
+        self._paho_error = None
         try:
-            client.connect(m.host, m.port, keepalive=m.keepalive_s)
+            rc = client.connect(m.host, m.port, keepalive=m.keepalive_s)
         except (OSError, ssl.SSLError, ValueError) as e:
             self._error(f"cannot connect to {m.host}:{m.port}: {e}")
             return False
         deadline = time.monotonic() + max(10.0, client.connect_timeout * 2)
-        while self._connack is None and not self._lost and not self._stop.is_set():
-            if client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS or time.monotonic() > deadline:
-                self._error(f"no CONNACK from {m.host}:{m.port}")
-                return False
-        if self._connack is None or self._connack.is_failure:
-            self._error(f"broker refused the connection: {self._connack}")
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._connack is None and not self._lost:
+            if self._stop.is_set() or time.monotonic() > deadline:
+                break
+            rc = client.loop(timeout=0.1)
+        # paho reports a refusal through on_connect and then fails the same loop() call, so the
+        # CONNACK's reason is checked first: "Not authorized" is not a network problem.
+        if self._connack is not None and self._connack.is_failure:
+            self._error(f"broker {m.host}:{m.port} refused the connection: {self._connack}")
+            return False
+        if self._connack is None:
+            # No CONNACK: the link or the TLS session died first (e.g. the broker rejected our
+            # client certificate with a TLS alert); paho's own error says which.
+            why = self._paho_error or (mqtt.error_string(rc) if rc else "no answer")
+            if m.tls is not None and m.tls.cert_file is None:
+                # TLS 1.3 brokers reject a missing client certificate after the handshake, and
+                # the alert naming it is often lost with the connection.
+                why += " (no client certificate configured: does the broker require one?)"
+            self._error(f"no CONNACK from {m.host}:{m.port}: {why}")
             return False
         self.connects += 1
         self.connected = True
@@ -261,6 +276,10 @@ class MqttUplink(Uplink):
         self.last_error = message
 
     # -- paho callbacks (called from client.loop in our own thread) ---------------------------
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, message: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:
+            self._paho_error = message
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: mqtt.ReasonCode, props: Any) -> None:
         self._connack = reason

@@ -77,22 +77,24 @@ class NmeaGps(Driver):
         speed = self.config.replay_speed
         clock: tuple[float, int] | None = None  # (monotonic start, first fix time)
         self.connected = True
-        with _open_capture(path) as f:
-            for line in f:
-                if stop.is_set():
-                    return
-                if line.startswith(b"#"):
-                    continue
-                for fix in self.nmea.feed(line):
-                    if speed > 0:
-                        if clock is None:
-                            clock = (time.monotonic(), fix.ts_ms)
-                        due = clock[0] + (fix.ts_ms - clock[1]) / 1000 / speed
-                        if stop.wait(max(0.0, due - time.monotonic())):
-                            return
-                    self._emit(iter((fix,)))
-        self._emit(self.nmea.finish())
-        self.connected = False
+        try:
+            with _open_capture(path) as f:
+                for line in f:
+                    if stop.is_set():
+                        return
+                    if line.startswith(b"#"):
+                        continue
+                    for fix in self.nmea.feed(line):
+                        if speed > 0:
+                            if clock is None:
+                                clock = (time.monotonic(), fix.ts_ms)
+                            due = clock[0] + (fix.ts_ms - clock[1]) / 1000 / speed
+                            if stop.wait(max(0.0, due - time.monotonic())):
+                                return
+                        self._emit(iter((fix,)))
+            self._emit(self.nmea.finish())
+        finally:
+            self.connected = False
 
     # -- serial -------------------------------------------------------------------------------
 

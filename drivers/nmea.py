@@ -101,16 +101,18 @@ class NmeaAssembler:
         except ValueError:
             self.counters.bad_field += 1
             return
-        if tod is None:
-            self.counters.bad_field += 1
-            return
         self.counters.sentences += 1
-        if kind == "RMC":
-            self._learn_date(msg, tod)
+        if tod is None:
+            # A receiver without time has no fix either (cold start: '$GPRMC,,V,,,,,,,,,,N').
+            self.counters.no_fix += 1
+            return
         epoch = self._epoch
         if epoch is not None and epoch.tod_ms != tod:
             yield from self._finish()
             epoch = None
+        if kind == "RMC":
+            # Only now: the date belongs to this sentence's epoch, not to the one just finished.
+            self._learn_date(msg, tod)
         if epoch is None:
             if tod == self._last_tod:
                 # A straggler for an epoch already reported: remember the receiver sends it.
@@ -129,13 +131,15 @@ class NmeaAssembler:
     # -- internals ------------------------------------------------------------------------------
 
     def _sentence(self, line: bytes | str) -> pynmea2.NMEASentence | None:
+        # Noise before the '$' (0xFF at power-up, a '$$' prefix) and collisions
+        # ('$GPGGA,12$GPRMC,…') leave the last sentence.
         if isinstance(line, bytes):
+            at = line.rfind(b"$")
             try:
-                line = line.decode("ascii")
+                line = line[max(at, 0):].decode("ascii")
             except UnicodeDecodeError:
                 self.counters.garbage += 1
                 return None
-        # Noise before the '$' and collisions ('$GPGGA,12$GPRMC,…') leave the last sentence.
         start = line.rfind("$")
         if start < 0 or len(line) - start < 10:
             if line.strip():
@@ -266,9 +270,12 @@ def _latlon(msg: pynmea2.NMEASentence) -> tuple[float, float]:
 
 
 def _degrees(raw: str, deg_digits: int, hemi: str, dirs: str, limit: float) -> float:
-    if hemi not in dirs or "." not in raw or raw.index(".") != deg_digits + 2:
+    """``ddmm.mmmm`` (or ``dddmm.mmmm``) and a hemisphere letter → signed decimal degrees."""
+    whole, dot, frac = raw.partition(".")
+    if (len(hemi) != 1 or hemi not in dirs or len(whole) != deg_digits + 2
+            or not whole.isdigit() or not (frac.isdigit() or (not dot and not frac))):
         raise ValueError(raw)
-    deg = int(raw[:deg_digits])
+    deg = int(whole[:deg_digits])
     minutes = float(raw[deg_digits:])
     if minutes >= 60:
         raise ValueError(raw)
