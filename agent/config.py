@@ -98,28 +98,86 @@ class StoreConfig(Section):
 
 class GpsConfig(Section):
     port: str | None = None
-    """Serial device or pyserial URL (``loop://``, ``/dev/serial/by-id/...``)."""
+    """Serial device or pyserial URL (``loop://``); a glob such as
+    ``/dev/serial/by-id/usb-u-blox*`` picks whichever matching device is plugged in."""
     baudrate: Annotated[int, Field(gt=0)] = 9600
     replay: Path | None = None
     """A capture file (optionally .gz) replayed instead of a serial port."""
     replay_speed: Annotated[float, Field(ge=0)] = 1.0
     """1 = real time (by the fixes' own timestamps), 0 = as fast as possible."""
+    gpsd: Annotated[str | None, Field(pattern=r"^[^\s:]+:\d{1,5}$")] = None
+    """``host:port`` of a gpsd to read TPV reports from, instead of a serial port."""
     reopen_min_s: Annotated[float, Field(gt=0)] = 1.0
     reopen_max_s: Annotated[float, Field(gt=0)] = 30.0
+    min_sats: Annotated[int, Field(ge=0, le=64)] = 4
+    """Fixes from fewer satellites are not positions (0: no check; unknown counts passes)."""
+    max_hdop: Annotated[float, Field(ge=0)] = 10.0
+    """Fixes with a worse HDOP are not positions (0: no check)."""
+    min_mode: Literal["2d", "3d"] = "2d"
+    """Weakest fix mode reported (from GSA, or gpsd's TPV mode)."""
+    max_speed_kmh: Annotated[float, Field(ge=0)] = 200.0
+    """Jump filter: a fix that implies a faster move from the last good one is rejected
+    (0: no check). No lorry does 200 km/h; multipath jumps of kilometres in a second do."""
 
     @model_validator(mode="after")
     def _one_source(self) -> GpsConfig:
-        if (self.port is None) == (self.replay is None):
-            raise ValueError("give exactly one of port (a serial device) or replay (a file)")
+        given = [k for k in ("port", "replay", "gpsd") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of port (a serial device), replay (a file) or gpsd (host:port)"
+                + (f"; got {', '.join(given)}" if given else "")
+            )
         return self
 
 
-class ReportingConfig(Section):
-    """A fix is reported when any enabled threshold is met; all 0 reports every fix."""
+class ProfileConfig(Section):
+    """When to report a fix: on any enabled threshold (0 disables one)."""
 
-    min_period_s: Annotated[float, Field(ge=0)] = 0
-    min_distance_m: Annotated[float, Field(ge=0)] = 0
-    min_heading_deg: Annotated[float, Field(ge=0, le=180)] = 0
+    min_period_s: Annotated[float, Field(ge=0)]
+    min_distance_m: Annotated[float, Field(ge=0)]
+    min_heading_deg: Annotated[float, Field(ge=0, le=180)]
+
+
+class ReportingConfig(Section):
+    """The moving profile (its keys sit directly in [reporting]) and the parked one.
+
+    A fix is reported when any enabled threshold is met since the last reported fix; with
+    all three at 0 every fix is reported. The defaults and why: docs/reporting.md.
+    """
+
+    min_period_s: Annotated[float, Field(ge=0)] = 120
+    min_distance_m: Annotated[float, Field(ge=0)] = 1000
+    min_heading_deg: Annotated[float, Field(ge=0, le=180)] = 8
+    heading_min_speed_kmh: Annotated[float, Field(ge=0)] = 10
+    """The angle rule applies only above this speed: a crawling lorry's course is noise."""
+    stop_speed_kmh: Annotated[float, Field(ge=0)] = 5
+    """Below this speed for stop_after_s the lorry is stopped (one fix reported then)."""
+    stop_after_s: Annotated[float, Field(ge=0)] = 60
+    start_speed_kmh: Annotated[float, Field(ge=0)] = 10
+    """At or above this speed a stopped lorry is moving again (one fix reported at once)."""
+    stopped_period_s: Annotated[float, Field(ge=0)] = 1800
+    """While stopped (ignition on or unknown): one fix this often (0: none)."""
+    parked: ProfileConfig = ProfileConfig(min_period_s=3600, min_distance_m=500, min_heading_deg=0)
+    """Ignition off: a fix an hour, or when it moves anyway (towed, on a ferry)."""
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> ReportingConfig:
+        if self.start_speed_kmh < self.stop_speed_kmh:
+            raise ValueError("start_speed_kmh must be >= stop_speed_kmh")
+        return self
+
+    @property
+    def moving(self) -> ProfileConfig:
+        return ProfileConfig(
+            min_period_s=self.min_period_s,
+            min_distance_m=self.min_distance_m,
+            min_heading_deg=self.min_heading_deg,
+        )
+
+
+class HealthConfig(Section):
+    interval_s: Annotated[float, Field(ge=0)] = 300
+    """A `health` reading this often (satellites per constellation, counters, clock); 0: none."""
 
 
 class LogConfig(Section):
@@ -132,6 +190,7 @@ class Config(Section):
     store: StoreConfig = StoreConfig()
     gps: GpsConfig | None = None
     reporting: ReportingConfig = ReportingConfig()
+    health: HealthConfig = HealthConfig()
     log: LogConfig = LogConfig()
 
     @property

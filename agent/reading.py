@@ -23,6 +23,9 @@ class Reading:
     data: dict[str, Any] = field(default_factory=dict)
     urgent: bool = False
     """Made power-cut safe and sent at once (seal events, alarms)."""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    """For the pipeline, never published: ``mono_ns`` (when it was taken, monotonic clock),
+    ``mode`` (GPS fix mode 2/3), ``source`` (a replay, a live device)."""
 
 
 def iso_ms(ts_ms: int) -> str:

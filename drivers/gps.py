@@ -64,6 +64,8 @@ class NmeaGps(Driver):
             "no_fix": c.no_fix,
             "no_date": c.no_date,
             "ignored": c.ignored,
+            "rollover_corrected": c.rollover,
+            "satellites_in_view": self.nmea.satellites_in_view,
         }
 
     def _emit(self, fixes: Iterator[Fix]) -> None:
@@ -82,8 +84,6 @@ class NmeaGps(Driver):
                 for line in f:
                     if stop.is_set():
                         return
-                    if line.startswith(b"#"):
-                        continue
                     for fix in self.nmea.feed(line):
                         if speed > 0:
                             if clock is None:

@@ -96,7 +96,7 @@ def test_several_problems_are_all_reported(tmp_path: Path) -> None:
     assert len(ps) == 3
     assert ps[0].startswith("[device] id: must be letters, digits")
     assert ps[1].startswith("[mqtt] port:")
-    assert ps[2] == "[gps]: give exactly one of port (a serial device) or replay (a file)"
+    assert ps[2] == "[gps]: give exactly one of port (a serial device), replay (a file) or gpsd (host:port)"
 
 
 def test_tls_cert_without_key_is_refused(tmp_path: Path) -> None:

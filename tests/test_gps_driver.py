@@ -105,7 +105,8 @@ def test_replay_yields_one_reading_per_fix(tmp_path: Path, name: str) -> None:
         assert reading.data["alt_m"] == f.alt_m and reading.data["sats"] == f.sats
         assert reading.data["fix"] == "gps"
     st = driver.status()
-    assert st["fixes"] == len(truth) and st["lines"] == 2 * len(truth)
+    header = 3  # the '#' comment lines of a capture file
+    assert st["fixes"] == len(truth) and st["lines"] == 2 * len(truth) + header
     assert st["garbage"] == st["bad_checksum"] == st["bad_field"] == 0
     assert st["last_fix_ts"] == truth[-1].ts.strftime("%Y-%m-%dT%H:%M:%S.000Z")
     assert st["connected"] is False  # the file is done
@@ -188,6 +189,7 @@ def test_serial_pty_readings_and_damage_counted() -> None:
             pty.write("no nmea here at all\r\n")  # garbage
             pty.write(corrupt(trip.rmc(TRUTH[2])) + corrupt(trip.gga(TRUTH[2])))  # whole epoch lost
             pty.write("$GPGSV,3,1,11,03,03,111,00,04,15,270,00,06,01,010,00,13,06,292,00*74\r\n")
+            pty.write(trip.sentence("PGRME,15.0,M,45.0,M,25.0,M"))  # proprietary: ignored
             # Split writes: a sentence arriving in pieces must still be one line.
             half = len(epoch_lines(TRUTH[3])) // 2
             pty.write(epoch_lines(TRUTH[3])[:half])
@@ -200,6 +202,7 @@ def test_serial_pty_readings_and_damage_counted() -> None:
             assert st["bad_checksum"] == 2
             assert st["garbage"] == 2
             assert st["ignored"] == 1
+            assert st["satellites_in_view"] == {"GPS": 11}
             assert st["fixes"] == 4 and st["connected"] is True
             assert st["last_fix_ts"] == TRUTH[4].ts.strftime("%Y-%m-%dT%H:%M:%S.000Z")
             for reading, f in zip(got.readings, good):
