@@ -175,6 +175,17 @@ class ReportingConfig(Section):
         )
 
 
+class TimeConfig(Section):
+    """Where reading times come from when the GPS has none to give (see agent/clock.py)."""
+
+    trust_system_clock: Literal["auto", "always", "never"] = "auto"
+    """auto: when the kernel says the clock is NTP-synchronised. A Pi has no real-time clock:
+    until then its clock can be days off, so readings wait for GPS time instead."""
+    max_hold_s: Annotated[float, Field(gt=0)] = 900
+    """A reading taken before any trusted time waits this long for one, then is sent with
+    the system clock's time and ``ts_trusted: false``."""
+
+
 class HealthConfig(Section):
     interval_s: Annotated[float, Field(ge=0)] = 300
     """A `health` reading this often (satellites per constellation, counters, clock); 0: none."""
@@ -191,6 +202,7 @@ class Config(Section):
     gps: GpsConfig | None = None
     reporting: ReportingConfig = ReportingConfig()
     health: HealthConfig = HealthConfig()
+    time: TimeConfig = TimeConfig()
     log: LogConfig = LogConfig()
 
     @property

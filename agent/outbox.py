@@ -49,8 +49,11 @@ class Outbox:
         self._idle_at = -1
         self._order: list[str] = []
         self._order_at = -1
+        self._release_seen = self.store.release_gen
 
     def next_batch(self) -> Batch | None:
+        if self.store.release_gen != self._release_seen:
+            self._page_back_to_released()
         durable = self.store.durable_id
         if durable == self._idle_at or self.store.acks_waiting >= MAX_ACKS_WAITING:
             return None
@@ -66,6 +69,15 @@ class Outbox:
                 return batch
         self._idle_at = durable
         return None
+
+    def _page_back_to_released(self) -> None:
+        """Held readings got their time: they sit behind the cursor, so page back to them."""
+        for gen, stream, first in self.store.releases:
+            if gen > self._release_seen and first <= self._cursor.get(stream, 0):
+                self._cursor[stream] = first - 1
+        self._release_seen = self.store.release_gen
+        self._idle_at = -1
+        self._order_at = -1
 
     def _newest_if_backlog(self, stream: str) -> Batch | None:
         oldest = self.store.fetch(stream, self._cursor.get(stream, 0), 1)

@@ -1,48 +1,110 @@
-"""Which fixes become position readings: the reporting policy of docs/configuration.md."""
+"""Which fixes become position readings: the reporting policy (docs/reporting.md).
+
+Like the trackers fleets know (min period / min distance / min angle), with a motion state:
+*moving*, *stopped* (below ``stop_speed_kmh`` for ``stop_after_s``) and *parked* (ignition
+off, when an ignition source is configured). Always reported: the first fix, the fix at which
+the lorry is declared stopped, the first fix moving again, the first fix after the ignition
+changes. Those carry ``event`` ("stop", "start", "ignition_on", "ignition_off").
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from agent.config import ReportingConfig
+from agent.config import ProfileConfig, ReportingConfig
 from agent.geo import angle_diff, haversine_m
 
 
-class ReportingPolicy:
-    """Report a fix when any enabled threshold (time, distance, heading) is met since the
-    last reported one; with every threshold 0, report every fix."""
+@dataclass(slots=True, frozen=True)
+class Decision:
+    report: bool
+    event: str | None = None
+    """Why this fix must be reported regardless of thresholds."""
 
+
+class ReportingPolicy:
     def __init__(self, config: ReportingConfig):
         self.config = config
+        self._moving_profile = config.moving
+        m = config.moving
+        # All three moving thresholds at 0 is the documented "report every fix" setting.
+        self._every_fix = not (m.min_period_s or m.min_distance_m or m.min_heading_deg)
         self._last: dict[str, Any] | None = None
         self._last_ts = 0
+        self._stopped = False
+        self._slow_since: int | None = None
+        self._ignition: bool | None = None
+        self._pending_event: str | None = None
         self.considered = 0
         self.reported = 0
 
-    def accept(self, ts_ms: int, fix: dict[str, Any]) -> bool:
+    @property
+    def state(self) -> str:
+        if self._ignition is False:
+            return "parked"
+        return "stopped" if self._stopped else "moving"
+
+    def set_ignition(self, on: bool | None) -> None:
+        """From CAN or a GPIO; None when unknown (no source). A change is reported at once."""
+        if on is not None and on != self._ignition and self._ignition is not None:
+            self._pending_event = "ignition_on" if on else "ignition_off"
+        self._ignition = on
+
+    def decide(self, ts_ms: int, fix: dict[str, Any]) -> Decision:
         self.considered += 1
-        if self._due(ts_ms, fix):
+        event = self._motion(ts_ms, fix.get("speed_kmh"))
+        if self._pending_event and event is None:
+            event, self._pending_event = self._pending_event, None
+        report = event is not None or self._due(ts_ms, fix)
+        if report:
             self._last, self._last_ts = fix, ts_ms
             self.reported += 1
-            return True
-        return False
+        return Decision(report, event)
+
+    def _motion(self, ts_ms: int, speed: float | None) -> str | None:
+        """Update moving/stopped; the event when it changes."""
+        c = self.config
+        if speed is None:
+            return None  # no speed (GGA-only receiver): distance and time rules still apply
+        if self._stopped:
+            if speed >= c.start_speed_kmh:
+                self._stopped, self._slow_since = False, None
+                return "start"
+            return None
+        if speed >= c.stop_speed_kmh:
+            self._slow_since = None
+            return None
+        if self._slow_since is None or ts_ms < self._slow_since:
+            self._slow_since = ts_ms
+        if ts_ms - self._slow_since >= c.stop_after_s * 1000:
+            self._stopped = True
+            return "stop"
+        return None
+
+    def _profile(self) -> tuple[ProfileConfig, bool]:
+        """The thresholds now, and whether the heading rule applies."""
+        c = self.config
+        if self._ignition is False:
+            return c.parked, c.parked.min_heading_deg > 0
+        if self._stopped:
+            return ProfileConfig(min_period_s=c.stopped_period_s, min_distance_m=c.min_distance_m,
+                                 min_heading_deg=0), False
+        return self._moving_profile, c.min_heading_deg > 0
 
     def _due(self, ts_ms: int, fix: dict[str, Any]) -> bool:
-        c, last = self.config, self._last
-        if last is None or ts_ms < self._last_ts:
-            return True  # first fix, or GPS time went back (receiver reset): start afresh
-        enabled = False
-        if c.min_period_s > 0:
-            enabled = True
-            if ts_ms - self._last_ts >= c.min_period_s * 1000:
-                return True
-        if c.min_distance_m > 0:
-            enabled = True
-            if haversine_m(last["lat"], last["lon"], fix["lat"], fix["lon"]) >= c.min_distance_m:
-                return True
-        if c.min_heading_deg > 0:
-            enabled = True
+        last = self._last
+        if self._every_fix or last is None or ts_ms < self._last_ts:
+            return True  # every fix asked for; first fix; GPS time went back (receiver reset)
+        p, heading_rule = self._profile()
+        if p.min_period_s and ts_ms - self._last_ts >= p.min_period_s * 1000:
+            return True
+        if p.min_distance_m and haversine_m(last["lat"], last["lon"], fix["lat"], fix["lon"]) >= p.min_distance_m:
+            return True
+        if heading_rule and p.min_heading_deg:
+            speed = fix.get("speed_kmh")
             a, b = last.get("course"), fix.get("course")
-            if a is not None and b is not None and angle_diff(a, b) >= c.min_heading_deg:
+            if (speed is not None and speed >= self.config.heading_min_speed_kmh
+                    and a is not None and b is not None and angle_diff(a, b) >= p.min_heading_deg):
                 return True
-        return not enabled
+        return False

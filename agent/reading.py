@@ -11,15 +11,20 @@ from typing import Any
 # dispatch act on first, then where the lorry is, then the rest. Unknown streams come last.
 STREAM_PRIORITY: tuple[str, ...] = ("alarm", "seal", "position", "temperature", "can", "health")
 
-# Keys every payload object starts with; stream data may not override them.
-ENVELOPE_KEYS = ("device", "stream", "seq", "ts")
+# Keys every payload object starts with; stream data may not override them. `ts_trusted`
+# (false) is added when the time could not be established.
+ENVELOPE_KEYS = ("device", "stream", "seq", "ts", "ts_trusted")
+# Stands for the time in a held reading's body until the time is known (Store.release_held).
+PENDING_TS = '"ts":"pending"'
+
 
 
 @dataclass(slots=True, frozen=True)
 class Reading:
     stream: str
-    ts_ms: int
-    """When the reading was taken: Unix time in milliseconds, UTC."""
+    ts_ms: int | None
+    """When the reading was taken: Unix time in milliseconds, UTC; None while the time is not
+    known (a Pi without RTC before GPS or NTP): the store holds it until it is."""
     data: dict[str, Any] = field(default_factory=dict)
     urgent: bool = False
     """Made power-cut safe and sent at once (seal events, alarms)."""
@@ -50,13 +55,19 @@ def encode_parts(device: str, reading: Reading) -> tuple[str, str]:
         raise ValueError(f"reading data may not set envelope keys {clash}")
     head = '{"device":%s,"stream":%s,"seq":' % (_dumps(device), _dumps(reading.stream))
     fields = _dumps(reading.data)
-    tail = ',"ts":"%s"' % iso_ms(reading.ts_ms)
+    tail = "," + (PENDING_TS if reading.ts_ms is None else '"ts":"%s"' % iso_ms(reading.ts_ms))
     tail += "}" if fields == "{}" else "," + fields[1:]
     return head, tail
 
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def resolved_body(body: str, ts_ms: int, trusted: bool) -> str:
+    """A held reading's body with its time filled in (and flagged when not trustworthy)."""
+    ts = '"ts":"%s"' % iso_ms(ts_ms) + ("" if trusted else ',"ts_trusted":false')
+    return body.replace(PENDING_TS, ts, 1)
 
 
 def now_ms() -> int:

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.backoff import backoff_delay
+from agent.clock import TimeKeeper
 from agent.config import Config
-from agent.policy import ReportingPolicy
-from agent.reading import Reading, iso_ms
+from agent.health import health_reading
+from agent.pipeline import Pipeline
 from agent.store import Store
 from agent.systemd import Notifier
 from agent.uplink import ConsoleUplink, MqttUplink, Uplink
@@ -34,7 +35,8 @@ def build_drivers(config: Config, emit: Any) -> list[Driver]:
     """One driver per configured source section."""
     drivers: list[Driver] = []
     if config.gps is not None:
-        drivers.append(driver_class("gps", "nmea")(config.gps, emit))
+        name = "gpsd" if config.gps.gpsd else "nmea"
+        drivers.append(driver_class("gps", name)(config.gps, emit))
     return drivers
 
 
@@ -57,30 +59,27 @@ class Agent:
             store_path = Path(self._tmpdir) / "buffer.db"
         self.store = Store(store_path, device=config.device.id, sync_interval_s=config.store.sync_interval_s)
         self.uplink: Uplink = ConsoleUplink(config, self.store, out) if dry_run else MqttUplink(config, self.store)
-        self.policy = ReportingPolicy(config.reporting)
+        self.clock = TimeKeeper(trust_system_clock=config.time.trust_system_clock)
+        self.pipeline = Pipeline(config, self.store, self.clock)
+        self.emit = self.pipeline.emit
         self.drivers = build_drivers(config, self.emit)
         self.notifier = Notifier()
-        self.rejected = 0
-        self.last_fix: Reading | None = None
         self.started_wall = time.time()
+        self.started_mono = time.monotonic()
+        self._next_health = self.started_mono + min(60.0, config.health.interval_s)
         self.stopped_wall: float | None = None
         self._stop = threading.Event()
         self._driver_stop = threading.Event()
         self._driver_threads: list[threading.Thread] = []
         self._finished: set[int] = set()
 
-    # -- the data path (driver threads) ---------------------------------------------------------
+    @property
+    def last_fix(self) -> Any:
+        return self.pipeline.last_fix
 
-    def emit(self, reading: Reading) -> None:
-        if reading.stream == "position":
-            self.last_fix = reading
-            if not self.policy.accept(reading.ts_ms, reading.data):
-                return
-        try:
-            self.store.append(reading)
-        except (ValueError, TypeError) as e:
-            self.rejected += 1
-            log.error("reading rejected (%s): %r", e, reading)
+    @property
+    def policy(self) -> Any:
+        return self.pipeline.policy
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -102,6 +101,8 @@ class Agent:
                 if self._healthy():
                     self.notifier.watchdog()
                 self._save_status()
+                self.store.release_held(self.pipeline.resolve_held)
+                self._maybe_health()
                 if self.until_drained and self._drained():
                     break
         finally:
@@ -124,12 +125,25 @@ class Agent:
             self._driver_stop.wait(backoff_delay(attempt, 1, 60))
         self._finished.add(index)
 
+    def _maybe_health(self) -> None:
+        interval = self.config.health.interval_s
+        now = time.monotonic()
+        if not interval or now < self._next_health or (self.until_drained and self._sources_done()):
+            return
+        self._next_health = now + interval
+        self.emit(health_reading(
+            started_mono=self.started_mono, clock=self.clock, drivers=self.drivers,
+            pipeline_status=self.pipeline.status(), pending=self.store.pending(), time_pending=self.store.held,
+        ))
+
     def _healthy(self) -> bool:
         return self.uplink.alive and self.store.writer_alive
 
+    def _sources_done(self) -> bool:
+        return all(d.finite for d in self.drivers) and len(self._finished) == len(self.drivers)
+
     def _drained(self) -> bool:
-        sources_done = all(d.finite for d in self.drivers) and len(self._finished) == len(self.drivers)
-        return sources_done and self.store.pending() == 0
+        return self._sources_done() and self.store.pending() == 0
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
@@ -149,14 +163,19 @@ class Agent:
     # -- status -------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        fix = self.last_fix
+        err = self.clock.system_clock_error_s()
         return {
             "device": self.config.device.id,
             "pid": os.getpid(),
             "updated": time.time(),
             "started": self.started_wall,
             "stopped": self.stopped_wall,
-            "last_fix": None if fix is None else {"ts": iso_ms(fix.ts_ms), **fix.data},
+            **self.pipeline.status(),
+            "clock": {
+                "gps_time": self.clock.has_gps_time,
+                "system_trusted": self.clock.system_trusted(),
+                "system_error_s": None if err is None else round(err, 3),
+            },
             "uplink": self.uplink.status(),
             "drivers": {d.kind: d.status() for d in self.drivers},
             "store": {
@@ -165,9 +184,8 @@ class Agent:
                 "commit_errors": self.store.commit_errors,
                 "last_error": self.store.last_error,
                 "damaged_files": self.store.damaged_files,
+                "time_pending": self.store.held,
             },
-            "rejected_readings": self.rejected,
-            "reporting": {"fixes": self.policy.considered, "reported": self.policy.reported},
         }
 
     def _save_status(self) -> None:

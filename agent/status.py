@@ -40,6 +40,7 @@ def collect(store_path: Path) -> dict[str, Any]:
                 "last_seq": b["last_seq"],
                 "oldest_unsent": iso_ms(b["oldest_ts_ms"]) if b["oldest_ts_ms"] is not None else None,
                 "oldest_unsent_seq": b["oldest_seq"],
+                "time_pending": b["held"],
             }
             for stream, b in buffers.items()
         },
@@ -65,7 +66,8 @@ def render(s: dict[str, Any]) -> str:
         lines.append("  (no readings yet)")
     for stream, b in s["buffer"].items():
         oldest = f", oldest unsent {b['oldest_unsent']} (seq {b['oldest_unsent_seq']})" if b["depth"] else ""
-        lines.append(f"  {stream:12s} {b['depth']:8d} unsent, last seq {b['last_seq']}{oldest}")
+        pending = f", {b['time_pending']} waiting for a trusted time" if b["time_pending"] else ""
+        lines.append(f"  {stream:12s} {b['depth']:8d} unsent, last seq {b['last_seq']}{oldest}{pending}")
     fix = s["last_fix"]
     lines.append(
         "last fix: "

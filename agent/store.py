@@ -24,18 +24,18 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
-from agent.reading import Reading, encode_parts
+from agent.reading import Reading, encode_parts, resolved_body
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # How long the writer waits before retrying a commit that failed (disk error, lock).
 _RETRY_S = 1.0
@@ -48,6 +48,11 @@ _STATE_INTERVAL_S = 30.0
 _IDLE_S = 5.0
 _MAX_BATCH = 20_000
 _STOP = object()
+
+
+@dataclass(slots=True, frozen=True)
+class _Release:
+    resolve: Callable[[int, str, int], tuple[int, bool] | None]
 
 
 @dataclass(slots=True, frozen=True)
@@ -98,6 +103,11 @@ class Store:
         self.commit_errors = 0
         self.last_error: str | None = None
         self._thread: threading.Thread | None = None
+        self.held = self._wdb.execute("SELECT COUNT(*) FROM readings WHERE held = 1").fetchone()[0]
+        """Readings whose time is not known yet: stored, not sent."""
+        self.release_gen = 0
+        self.releases: list[tuple[int, str, int]] = []
+        """(generation, stream, lowest id) of recent releases: the outbox pages back to them."""
 
     # -- schema -------------------------------------------------------------------------------
 
@@ -112,6 +122,11 @@ class Store:
             " body TEXT NOT NULL)"
         )
         db.execute("CREATE INDEX IF NOT EXISTS readings_stream ON readings(stream)")
+        # v2: readings taken before the time was known are held until it is (agent/clock.py).
+        have = db["readings"].columns_dict
+        for name, kind in (("held", int), ("mono_ns", int), ("boot_id", str), ("wall_ms", int)):
+            if name not in have:
+                db["readings"].add_column(name, kind, not_null_default=0 if name == "held" else None)
         db["streams"].create({"stream": str, "last_seq": int}, pk="stream", if_not_exists=True)
         db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -127,11 +142,24 @@ class Store:
         return self._thread is not None and self._thread.is_alive()
 
     def append(self, reading: Reading) -> None:
-        """Queue a reading for the writer; raises ValueError/TypeError if it cannot be encoded."""
+        """Queue a reading for the writer; raises ValueError/TypeError if it cannot be encoded.
+
+        A reading without a time (``ts_ms`` None) is held, with ``meta`` ``mono_ns``,
+        ``boot_id`` and ``wall_ms`` (the untrusted system clock) to resolve it later."""
         head, tail = encode_parts(self.device, reading)
+        held = None
+        if reading.ts_ms is None:
+            m = reading.meta
+            held = (m["mono_ns"], m["boot_id"], m["wall_ms"])
         with self._count_lock:
             self._queued += 1
-        self._q.put((reading.stream, reading.ts_ms, head, tail, reading.urgent))
+        self._q.put((reading.stream, reading.ts_ms or 0, head, tail, reading.urgent, held))
+
+    def release_held(self, resolve: Callable[[int, str, int], tuple[int, bool] | None]) -> None:
+        """Give held readings their time: ``resolve(mono_ns, boot_id, wall_ms)`` returns
+        ``(ts_ms, trusted)`` or None to keep holding. Runs in the writer thread."""
+        if self.held:
+            self._q.put(_Release(resolve))
 
     def ack(self, ids: Iterable[int]) -> None:
         """The broker has these rows: delete them with the next commit."""
@@ -191,6 +219,8 @@ class Store:
             batch, markers = self._drain(first)
             stop = _STOP in markers
             flushes = [m for m in markers if isinstance(m, threading.Event)]
+            for release in (m for m in markers if isinstance(m, _Release)):
+                self._release(release.resolve)
             durable = stop or bool(flushes) or self._sync_due() or any(r[4] for r in batch)
             if batch or durable or self._acks_due() or self._state_due():
                 while not self._commit(batch, durable=durable):
@@ -249,6 +279,42 @@ class Store:
             and time.monotonic() - self._state_dirty_since >= _STATE_INTERVAL_S
         )
 
+    def _release(self, resolve: Callable[[int, str, int], tuple[int, bool] | None]) -> None:
+        conn = self._wdb.conn
+        rows = conn.execute(
+            "SELECT id, stream, mono_ns, boot_id, wall_ms, body FROM readings WHERE held = 1 ORDER BY id"
+        ).fetchall()
+        updates = []
+        for rid, stream, mono, boot, wall, body in rows:
+            got = resolve(mono, boot, wall)
+            if got is not None:
+                updates.append((got[0], resolved_body(body, got[0], got[1]), rid, stream))
+        if not updates:
+            return
+        try:
+            conn.execute("PRAGMA synchronous=FULL")  # durable: the backend may see them at once
+            self._full_sync = True
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "UPDATE readings SET ts = ?, body = ?, held = 0 WHERE id = ?", [u[:3] for u in updates]
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self.commit_errors += 1
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.error("store: releasing held readings failed (%s); will retry", e)
+            return
+        self.held -= len(updates)
+        lowest: dict[str, int] = {}
+        for _ts, _body, rid, stream in updates:
+            lowest[stream] = min(rid, lowest.get(stream, rid))
+        with self._changed:
+            self.release_gen += 1
+            self.releases = self.releases[-99:] + [(self.release_gen, s, i) for s, i in lowest.items()]
+            self._changed.notify_all()
+
     def _commit(self, batch: list[tuple], durable: bool) -> bool:
         """One transaction: new rows, their seq counters, pending deletions, state."""
         conn = self._wdb.conn
@@ -256,10 +322,15 @@ class Store:
             acked = list(self._acked)
         seq = dict(self._seq)
         rows = []
-        for stream, ts, head, tail, _urgent in batch:
+        held = 0
+        for stream, ts, head, tail, _urgent, hold in batch:
             n = seq.get(stream, 0) + 1
             seq[stream] = n
-            rows.append((stream, n, ts, f"{head}{n}{tail}"))
+            if hold is None:
+                rows.append((stream, n, ts, f"{head}{n}{tail}", 0, None, None, None))
+            else:
+                rows.append((stream, n, ts, f"{head}{n}{tail}", 1, *hold))
+                held += 1
         state = list(self._state.items()) if self._state_dirty_since is not None else []
         try:
             if durable != self._full_sync:
@@ -269,7 +340,9 @@ class Store:
             try:
                 if rows:
                     conn.executemany(
-                        "INSERT INTO readings (stream, seq, ts, body) VALUES (?,?,?,?)", rows
+                        "INSERT INTO readings (stream, seq, ts, body, held, mono_ns, boot_id, wall_ms)"
+                        " VALUES (?,?,?,?,?,?,?,?)",
+                        rows,
                     )
                     conn.executemany(
                         "INSERT INTO streams (stream, last_seq) VALUES (?, ?) "
@@ -307,6 +380,7 @@ class Store:
             log.error("store commit failed (%s); %d readings held in memory", e, len(rows))
             return False
         self._seq = seq
+        self.held += held
         with self._count_lock:
             self._queued -= len(rows)
         self.commits += 1
@@ -336,7 +410,7 @@ class Store:
         with self._rlock:
             cur = self._rconn.execute(
                 "SELECT id, stream, seq, ts, body FROM readings "
-                "WHERE stream = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                "WHERE stream = ? AND id > ? AND id <= ? AND held = 0 ORDER BY id LIMIT ?",
                 (stream, after_id, self.durable_id, limit),
             )
             rows = cur.fetchall()
@@ -347,7 +421,7 @@ class Store:
         with self._rlock:
             r = self._rconn.execute(
                 "SELECT id, stream, seq, ts, body FROM readings "
-                "WHERE stream = ? AND id <= ? ORDER BY id DESC LIMIT 1",
+                "WHERE stream = ? AND id <= ? AND held = 0 ORDER BY id DESC LIMIT 1",
                 (stream, self.durable_id),
             ).fetchone()
         return Row(*r) if r and r[0] not in self._acked else None
@@ -388,7 +462,8 @@ def _ranges(ids: list[int]) -> list[tuple[int, int]]:
 
 def buffer_summary(conn: sqlite3.Connection, lock: threading.Lock | None = None) -> dict[str, dict]:
     sql = (
-        "SELECT s.stream, s.last_seq, COUNT(r.id), MIN(r.ts), MIN(r.seq) FROM streams s "
+        "SELECT s.stream, s.last_seq, COUNT(r.id), MIN(CASE WHEN r.held = 0 THEN r.ts END), MIN(r.seq),"
+        " COALESCE(SUM(r.held), 0) FROM streams s "
         "LEFT JOIN readings r ON r.stream = s.stream GROUP BY s.stream ORDER BY s.stream"
     )
     if lock:
@@ -397,8 +472,8 @@ def buffer_summary(conn: sqlite3.Connection, lock: threading.Lock | None = None)
     else:
         rows = conn.execute(sql).fetchall()
     return {
-        s: {"count": n, "last_seq": last, "oldest_ts_ms": oldest, "oldest_seq": first}
-        for s, last, n, oldest, first in rows
+        s: {"count": n, "last_seq": last, "oldest_ts_ms": oldest, "oldest_seq": first, "held": held}
+        for s, last, n, oldest, first, held in rows
     }
 
 

@@ -13,6 +13,7 @@ from drivers.base import Driver
 REGISTRY: dict[str, dict[str, str]] = {
     "gps": {
         "nmea": "drivers.gps:NmeaGps",
+        "gpsd": "drivers.gpsd:GpsdGps",
     },
 }
 

@@ -71,7 +71,8 @@ class NmeaGps(Driver):
     def _emit(self, fixes: Iterator[Fix]) -> None:
         for fix in fixes:
             self.last_fix = fix
-            self.emit(Reading("position", fix.ts_ms, fix.as_data()))
+            meta = {"mono_ns": time.monotonic_ns(), "mode": fix.mode, "replay": self.finite}
+            self.emit(Reading("position", fix.ts_ms, fix.as_data(), meta=meta))
 
     # -- replay -------------------------------------------------------------------------------
 

@@ -1,0 +1,41 @@
+"""The periodic `health` reading: what a fleet technician needs to see remotely."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from agent.clock import TimeKeeper
+from agent.reading import Reading
+from drivers.base import Driver
+
+
+def health_reading(*, started_mono: float, clock: TimeKeeper, drivers: list[Driver], pipeline_status: dict[str, Any],
+                   pending: int, time_pending: int) -> Reading:
+    """Sources' state, satellites per constellation, buffer and clock; stamped like any
+    reading without a time of its own (see agent/pipeline.py)."""
+    data: dict[str, Any] = {"uptime_s": int(time.monotonic() - started_mono)}
+    for d in drivers:
+        st = d.status()
+        if d.kind == "gps":
+            data["gps"] = {
+                "connected": st.get("connected"),
+                "last_fix_ts": st.get("last_fix_ts"),
+                "satellites_in_view": st.get("satellites_in_view", {}),
+                "bad_lines": st.get("bad_checksum", 0) + st.get("garbage", 0),
+            }
+    fix = pipeline_status.get("last_fix")
+    if fix:
+        data.setdefault("gps", {})["sats_used"] = fix.get("sats")
+        data["gps"]["hdop"] = fix.get("hdop")
+    data["reporting"] = pipeline_status["reporting"]["state"]
+    data["buffer"] = {"pending": pending, "time_pending": time_pending}
+    err = clock.system_clock_error_s()
+    data["clock"] = {
+        "source": "gps" if clock.has_gps_time else ("system" if clock.system_trusted() else "none"),
+        "system_error_s": None if err is None else round(err, 1),
+    }
+    rejected = pipeline_status.get("fix_filter") or {}
+    if rejected:
+        data["fixes_rejected"] = rejected
+    return Reading("health", None, data, meta={"mono_ns": time.monotonic_ns()})

@@ -1,0 +1,103 @@
+"""What happens to a reading between its driver and the store.
+
+Positions: GPS time feeds the time keeper; fix quality filter; reporting policy. Every other
+reading without a time is stamped from the time keeper, or held in the store (time pending)
+until a trusted time is known. Called from driver threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+from agent.clock import TimeKeeper, boot_id
+from agent.config import Config
+from agent.fixfilter import FixFilter
+from agent.policy import ReportingPolicy
+from agent.reading import Reading, iso_ms
+from agent.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, config: Config, store: Store, clock: TimeKeeper):
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.boot_id = boot_id()
+        self.fix_filter = FixFilter(config.gps) if config.gps is not None else None
+        self.policy = ReportingPolicy(config.reporting)
+        self.last_fix: Reading | None = None
+        """The last good fix (reported or not): where the lorry is."""
+        self.rejected = 0
+        self._position_lock = threading.Lock()
+
+    def emit(self, reading: Reading) -> None:
+        if reading.stream == "position":
+            with self._position_lock:
+                reading = self._position(reading)
+        elif reading.ts_ms is None:
+            reading = self._stamp(reading)
+        if reading is None:
+            return
+        try:
+            self.store.append(reading)
+        except (ValueError, TypeError) as e:
+            self.rejected += 1
+            log.error("reading rejected (%s): %r", e, reading)
+
+    def set_ignition(self, on: bool | None) -> None:
+        with self._position_lock:
+            self.policy.set_ignition(on)
+
+    def _position(self, reading: Reading) -> Reading | None:
+        assert reading.ts_ms is not None, "positions carry GPS time"
+        mono = reading.meta.get("mono_ns")
+        if mono is not None:
+            self.clock.observe_gps(reading.ts_ms, mono)
+        if self.fix_filter is not None and self.fix_filter.reject_reason(
+            reading.ts_ms, reading.data, reading.meta.get("mode")
+        ):
+            return None
+        self.last_fix = reading
+        decision = self.policy.decide(reading.ts_ms, reading.data)
+        if not decision.report:
+            return None
+        if decision.event:
+            return dataclasses.replace(reading, data={**reading.data, "event": decision.event})
+        return reading
+
+    def _stamp(self, reading: Reading) -> Reading:
+        mono = reading.meta.get("mono_ns") or self.clock.mono_now()
+        stamp = self.clock.stamp(mono)
+        if stamp.ts_ms is not None:
+            return dataclasses.replace(reading, ts_ms=stamp.ts_ms)
+        meta = {**reading.meta, "mono_ns": mono, "boot_id": self.boot_id, "wall_ms": self.clock.wall_ms(mono)}
+        return dataclasses.replace(reading, meta=meta)
+
+    def resolve_held(self, mono_ns: int, boot: str, wall_ms: int) -> tuple[int, bool] | None:
+        """The time of a held reading now, and whether it is trusted; None: keep holding."""
+        if boot != self.boot_id:
+            return wall_ms, False  # taken before a reboot: its monotonic reference is gone
+        stamp = self.clock.stamp(mono_ns)
+        if stamp.ts_ms is not None:
+            return stamp.ts_ms, True
+        if self.clock.mono_now() - mono_ns >= self.config.time.max_hold_s * 1e9:
+            return wall_ms, False
+        return None
+
+    def status(self) -> dict[str, Any]:
+        fix = self.last_fix
+        return {
+            "last_fix": None if fix is None else {"ts": iso_ms(fix.ts_ms or 0), **fix.data},
+            "rejected_readings": self.rejected,
+            "reporting": {
+                "state": self.policy.state,
+                "fixes": self.policy.considered,
+                "reported": self.policy.reported,
+            },
+            "fix_filter": dict(self.fix_filter.rejected) if self.fix_filter else {},
+        }
