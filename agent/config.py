@@ -150,6 +150,9 @@ class ReportingConfig(Section):
     min_heading_deg: Annotated[float, Field(ge=0, le=180)] = 8
     heading_min_speed_kmh: Annotated[float, Field(ge=0)] = 10
     """The angle rule applies only above this speed: a crawling lorry's course is noise."""
+    max_deviation_m: Annotated[float, Field(ge=0)] = 20
+    """While moving, no fix in between may lie farther than this from the line joining two
+    reported fixes: where the road bends, the fix before the bend is reported (0: off)."""
     stop_speed_kmh: Annotated[float, Field(ge=0)] = 5
     """Below this speed for stop_after_s the lorry is stopped (one fix reported then)."""
     stop_after_s: Annotated[float, Field(ge=0)] = 60

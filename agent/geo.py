@@ -19,3 +19,19 @@ def angle_diff(a: float, b: float) -> float:
     """Smallest difference between two headings, 0..180 degrees."""
     d = abs(a - b) % 360
     return 360 - d if d > 180 else d
+
+
+def local_xy(lat0: float, lon0: float, lat: float, lon: float) -> tuple[float, float]:
+    """Metres east and north of (lat0, lon0); equirectangular, good to a few km."""
+    x = math.radians(lon - lon0) * EARTH_RADIUS_M * math.cos(math.radians(lat0))
+    y = math.radians(lat - lat0) * EARTH_RADIUS_M
+    return x, y
+
+
+def segment_distance_m(p: tuple[float, float], a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Distance from point p to segment a–b, all in local metres."""
+    (px, py), (ax, ay), (bx, by) = p, a, b
+    dx, dy = bx - ax, by - ay
+    length2 = dx * dx + dy * dy
+    t = 0.0 if length2 == 0 else max(0.0, min(1.0, ((px - ax) * dx + (py - ay) * dy) / length2))
+    return math.hypot(px - (ax + t * dx), py - (ay + t * dy))

@@ -38,22 +38,23 @@ class Pipeline:
     def emit(self, reading: Reading) -> None:
         if reading.stream == "position":
             with self._position_lock:
-                reading = self._position(reading)
+                out = self._position(reading)
         elif reading.ts_ms is None:
-            reading = self._stamp(reading)
-        if reading is None:
-            return
-        try:
-            self.store.append(reading)
-        except (ValueError, TypeError) as e:
-            self.rejected += 1
-            log.error("reading rejected (%s): %r", e, reading)
+            out = [self._stamp(reading)]
+        else:
+            out = [reading]
+        for r in out:
+            try:
+                self.store.append(r)
+            except (ValueError, TypeError) as e:
+                self.rejected += 1
+                log.error("reading rejected (%s): %r", e, r)
 
     def set_ignition(self, on: bool | None) -> None:
         with self._position_lock:
             self.policy.set_ignition(on)
 
-    def _position(self, reading: Reading) -> Reading | None:
+    def _position(self, reading: Reading) -> list[Reading]:
         assert reading.ts_ms is not None, "positions carry GPS time"
         mono = reading.meta.get("mono_ns")
         if mono is not None:
@@ -61,14 +62,17 @@ class Pipeline:
         if self.fix_filter is not None and self.fix_filter.reject_reason(
             reading.ts_ms, reading.data, reading.meta.get("mode")
         ):
-            return None
+            return []
         self.last_fix = reading
         decision = self.policy.decide(reading.ts_ms, reading.data)
-        if not decision.report:
-            return None
-        if decision.event:
-            return dataclasses.replace(reading, data={**reading.data, "event": decision.event})
-        return reading
+        out = []
+        if decision.corner is not None:
+            out.append(Reading("position", *decision.corner))
+        if decision.report:
+            if decision.event:
+                reading = dataclasses.replace(reading, data={**reading.data, "event": decision.event})
+            out.append(reading)
+        return out
 
     def _stamp(self, reading: Reading) -> Reading:
         mono = reading.meta.get("mono_ns") or self.clock.mono_now()

@@ -1,10 +1,12 @@
 """Which fixes become position readings: the reporting policy (docs/reporting.md).
 
-Like the trackers fleets know (min period / min distance / min angle), with a motion state:
+Like the trackers fleets know (min period / min distance / min angle), with two additions:
+a *corridor* (no fix in between may stray more than ``max_deviation_m`` from the reported
+track: where the road bends, the fix before the bend is reported) and a motion state:
 *moving*, *stopped* (below ``stop_speed_kmh`` for ``stop_after_s``) and *parked* (ignition
 off, when an ignition source is configured). Always reported: the first fix, the fix at which
 the lorry is declared stopped, the first fix moving again, the first fix after the ignition
-changes. Those carry ``event`` ("stop", "start", "ignition_on", "ignition_off").
+changes; those carry ``event`` ("stop", "start", "ignition_on", "ignition_off").
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import ProfileConfig, ReportingConfig
-from agent.geo import angle_diff, haversine_m
+from agent.geo import angle_diff, haversine_m, local_xy, segment_distance_m
+
+Fix = dict[str, Any]
 
 
 @dataclass(slots=True, frozen=True)
@@ -21,17 +25,22 @@ class Decision:
     report: bool
     event: str | None = None
     """Why this fix must be reported regardless of thresholds."""
+    corner: tuple[int, Fix] | None = None
+    """An earlier fix (time, data) to report first: the last one before the track left the
+    corridor."""
 
 
 class ReportingPolicy:
     def __init__(self, config: ReportingConfig):
         self.config = config
-        self._moving_profile = config.moving
         m = config.moving
+        self._moving_profile = m
         # All three moving thresholds at 0 is the documented "report every fix" setting.
         self._every_fix = not (m.min_period_s or m.min_distance_m or m.min_heading_deg)
-        self._last: dict[str, Any] | None = None
+        self._last: Fix | None = None
         self._last_ts = 0
+        self._since_last: list[tuple[int, Fix]] = []
+        """Unreported fixes since the last report, for the corridor rule."""
         self._stopped = False
         self._slow_since: int | None = None
         self._ignition: bool | None = None
@@ -51,16 +60,31 @@ class ReportingPolicy:
             self._pending_event = "ignition_on" if on else "ignition_off"
         self._ignition = on
 
-    def decide(self, ts_ms: int, fix: dict[str, Any]) -> Decision:
+    def decide(self, ts_ms: int, fix: Fix) -> Decision:
         self.considered += 1
         event = self._motion(ts_ms, fix.get("speed_kmh"))
+        if self._ignition is False:
+            event = None  # parked: stopping and creeping are not news; the parked profile rules
         if self._pending_event and event is None:
             event, self._pending_event = self._pending_event, None
+        corner = None
+        if event is None and not self._every_fix and self.state == "moving":
+            corner = self._corner(fix)
+            if corner is not None:
+                self._mark_reported(*corner)
         report = event is not None or self._due(ts_ms, fix)
         if report:
-            self._last, self._last_ts = fix, ts_ms
-            self.reported += 1
-        return Decision(report, event)
+            self._mark_reported(ts_ms, fix)
+        else:
+            self._since_last.append((ts_ms, fix))
+        return Decision(report, event, corner)
+
+    def _mark_reported(self, ts_ms: int, fix: Fix) -> None:
+        self._last, self._last_ts = fix, ts_ms
+        self._since_last = [(t, f) for t, f in self._since_last if t > ts_ms]
+        self.reported += 1
+
+    # -- rules ----------------------------------------------------------------------------------
 
     def _motion(self, ts_ms: int, speed: float | None) -> str | None:
         """Update moving/stopped; the event when it changes."""
@@ -82,6 +106,21 @@ class ReportingPolicy:
             return "stop"
         return None
 
+    def _corner(self, fix: Fix) -> tuple[int, Fix] | None:
+        """If the line from the last report to this fix leaves a fix in between out of the
+        corridor, the fix just before this one (the last that kept them all in)."""
+        tolerance = self.config.max_deviation_m
+        last = self._last
+        if not tolerance or last is None or not self._since_last:
+            return None
+        a = (0.0, 0.0)
+        b = local_xy(last["lat"], last["lon"], fix["lat"], fix["lon"])
+        for _ts, f in self._since_last:
+            p = local_xy(last["lat"], last["lon"], f["lat"], f["lon"])
+            if segment_distance_m(p, a, b) > tolerance:
+                return self._since_last[-1]
+        return None
+
     def _profile(self) -> tuple[ProfileConfig, bool]:
         """The thresholds now, and whether the heading rule applies."""
         c = self.config
@@ -92,7 +131,7 @@ class ReportingPolicy:
                                  min_heading_deg=0), False
         return self._moving_profile, c.min_heading_deg > 0
 
-    def _due(self, ts_ms: int, fix: dict[str, Any]) -> bool:
+    def _due(self, ts_ms: int, fix: Fix) -> bool:
         last = self._last
         if self._every_fix or last is None or ts_ms < self._last_ts:
             return True  # every fix asked for; first fix; GPS time went back (receiver reset)

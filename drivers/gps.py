@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import gzip
 import logging
 import threading
@@ -37,6 +38,8 @@ class NmeaGps(Driver):
         self.open_failures = 0
         self.overlong = 0
         self.connected = False
+        self.device: str | None = None
+        """The device actually open (a glob in `port` picks one)."""
         self.last_error: str | None = None
         self.last_fix: Fix | None = None
 
@@ -51,6 +54,7 @@ class NmeaGps(Driver):
         fix = self.last_fix
         return {
             "source": str(self.config.replay or self.config.port),
+            "device": self.device,
             "connected": self.connected,
             "opens": self.opens,
             "open_failures": self.open_failures,
@@ -103,9 +107,8 @@ class NmeaGps(Driver):
         failures = 0
         while not stop.is_set():
             try:
-                port = serial.serial_for_url(
-                    self.config.port, baudrate=self.config.baudrate, timeout=0.5
-                )
+                path = _resolve(self.config.port)
+                port = serial.serial_for_url(path, baudrate=self.config.baudrate, timeout=0.5)
             except (serial.SerialException, OSError, ValueError) as e:
                 self.open_failures += 1
                 self._lost(f"cannot open {self.config.port}: {e}", failures == 0)
@@ -114,8 +117,9 @@ class NmeaGps(Driver):
                 continue
             self.opens += 1
             self.connected = True
+            self.device = path
             failures = 0
-            log.info("GPS %s open", self.config.port)
+            log.info("GPS %s open", path)
             try:
                 self._read(port, stop)
             except (serial.SerialException, OSError) as e:
@@ -152,6 +156,17 @@ class NmeaGps(Driver):
             if len(buf) > MAX_LINE:
                 self.overlong += 1
                 buf = b""
+
+
+def _resolve(port: str) -> str:
+    """A glob (``/dev/serial/by-id/usb-u-blox*``) names whichever matching device is plugged
+    in now: a USB receiver may come back under another name after a replug."""
+    if not any(c in port for c in "*?[") or "://" in port:
+        return port
+    matches = sorted(glob.glob(port))
+    if not matches:
+        raise serial.SerialException(f"no device matches {port}")
+    return matches[0]
 
 
 def _open_capture(path: Path) -> IO[bytes]:

@@ -291,3 +291,34 @@ def test_port_that_never_existed_is_retried_and_reported(tmp_path: Path) -> None
         assert st["connected"] is False and st["opens"] == 0
         assert "cannot open" in st["last_error"]
     assert got.readings == []
+
+
+def test_replugged_receiver_under_another_name_is_found_by_glob(tmp_path: Path) -> None:
+    """A USB puck comes back as another /dev/serial/by-id/ name (or ttyUSB1 instead of ttyUSB0):
+    a glob in `port` picks whichever matching device is present."""
+    by_id = tmp_path / "by-id"
+    by_id.mkdir()
+    first, second = Pty(), None
+    (by_id / "usb-u-blox_GNSS_receiver-if00-port0").symlink_to(first.path)
+    got = Collector()
+    driver = NmeaGps(gps_config(str(by_id / "usb-u-blox*")), got)
+    try:
+        with Running(driver):
+            wait_for(lambda: driver.status()["connected"], what="port open")
+            assert driver.status()["device"] == str(by_id / "usb-u-blox_GNSS_receiver-if00-port0")
+            first.write(epoch_lines(TRUTH[0]))
+            first.write(epoch_lines(TRUTH[1]))
+            wait_for(lambda: len(got.readings) == 2, what="first readings")
+            (by_id / "usb-u-blox_GNSS_receiver-if00-port0").unlink()
+            first.close()
+            wait_for(lambda: "no device matches" in (driver.status()["last_error"] or ""), what="reported gone")
+            second = Pty()
+            (by_id / "usb-u-blox_GNSS_receiver-if01-port0").symlink_to(second.path)
+            wait_for(lambda: driver.status()["connected"], what="found again")
+            assert driver.status()["device"].endswith("if01-port0")
+            second.write(epoch_lines(TRUTH[2]) + epoch_lines(TRUTH[3]))
+            wait_for(lambda: len(got.readings) == 4, what="readings resume")
+    finally:
+        first.close()
+        if second is not None:
+            second.close()

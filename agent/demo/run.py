@@ -128,8 +128,9 @@ def run_demo(*, speed: float = 1000.0, workdir: Path | None = None, out: TextIO)
     agent = Agent(cfg, until_drained=True)
     say(f"demo: lorry {cfg.device.id}, Chongqing -> Hanoi, {len(fixes)} GPS fixes replayed at {speed:g}x; "
         f"broker 127.0.0.1:{broker.port}; work folder {workdir}")
-    say(f"demo: reporting policy: every {cfg.reporting.min_period_s:g} s, {cfg.reporting.min_distance_m:g} m "
-        f"or {cfg.reporting.min_heading_deg:g} deg of turn")
+    r = cfg.reporting
+    say(f"demo: reporting policy: a fix every {r.min_period_s:g} s, {r.min_distance_m:g} m or {r.min_heading_deg:g} deg "
+        f"of turn, the track kept within {r.max_deviation_m:g} m, stops and starts always")
     runner = threading.Thread(target=agent.run, name="agent", daemon=True)
     started = time.monotonic()
     runner.start()
