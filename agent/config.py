@@ -178,6 +178,21 @@ class ReportingConfig(Section):
         )
 
 
+class IgnitionConfig(Section):
+    """Where the ignition state comes from; it switches the reporting policy to `parked`."""
+
+    source: Literal["gpio"] = "gpio"
+    chip: str = "pinctrl-bcm2711"
+    """The GPIO chip's label (``gpioinfo`` shows it) or its path (``/dev/gpiochip0``)."""
+    line: int | str = 17
+    """Line offset on the chip, or the line's name."""
+    active_low: bool = False
+    """True when the input reads low with the ignition on (an opto-coupler pulling down)."""
+    bias: Literal["as-is", "pull-up", "pull-down", "disabled"] = "as-is"
+    debounce_ms: Annotated[int, Field(ge=0, le=60_000)] = 300
+    """A level must hold this long to count: cranking the engine makes the line bounce."""
+
+
 class TimeConfig(Section):
     """Where reading times come from when the GPS has none to give (see agent/clock.py)."""
 
@@ -203,6 +218,7 @@ class Config(Section):
     mqtt: MqttConfig = MqttConfig()
     store: StoreConfig = StoreConfig()
     gps: GpsConfig | None = None
+    ignition: IgnitionConfig | None = None
     reporting: ReportingConfig = ReportingConfig()
     health: HealthConfig = HealthConfig()
     time: TimeConfig = TimeConfig()

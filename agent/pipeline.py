@@ -39,6 +39,9 @@ class Pipeline:
         if reading.stream == "position":
             with self._position_lock:
                 out = self._position(reading)
+        elif reading.stream == "ignition":
+            self.set_ignition(bool(reading.data.get("on")))
+            out = [self._stamp(reading) if reading.ts_ms is None else reading]
         elif reading.ts_ms is None:
             out = [self._stamp(reading)]
         else:

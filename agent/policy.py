@@ -37,6 +37,7 @@ class ReportingPolicy:
         self._moving_profile = m
         # All three moving thresholds at 0 is the documented "report every fix" setting.
         self._every_fix = not (m.min_period_s or m.min_distance_m or m.min_heading_deg)
+        self._corridor = bool(config.max_deviation_m) and not self._every_fix
         self._last: Fix | None = None
         self._last_ts = 0
         self._since_last: list[tuple[int, Fix]] = []
@@ -62,21 +63,22 @@ class ReportingPolicy:
 
     def decide(self, ts_ms: int, fix: Fix) -> Decision:
         self.considered += 1
+        was_moving = self.state == "moving"
         event = self._motion(ts_ms, fix.get("speed_kmh"))
         if self._ignition is False:
             event = None  # parked: stopping and creeping are not news; the parked profile rules
         if self._pending_event and event is None:
             event, self._pending_event = self._pending_event, None
-        corner = None
-        if event is None and not self._every_fix and self.state == "moving":
-            corner = self._corner(fix)
-            if corner is not None:
-                self._mark_reported(*corner)
+        corner = self._corner(fix) if was_moving else None
+        if corner is not None:
+            self._mark_reported(*corner)
         report = event is not None or self._due(ts_ms, fix)
         if report:
             self._mark_reported(ts_ms, fix)
-        else:
+        elif self._corridor and self.state == "moving":
             self._since_last.append((ts_ms, fix))
+        else:
+            self._since_last.clear()  # stopped or parked: nothing to keep in a corridor
         return Decision(report, event, corner)
 
     def _mark_reported(self, ts_ms: int, fix: Fix) -> None:
@@ -111,7 +113,7 @@ class ReportingPolicy:
         corridor, the fix just before this one (the last that kept them all in)."""
         tolerance = self.config.max_deviation_m
         last = self._last
-        if not tolerance or last is None or not self._since_last:
+        if not self._corridor or last is None or not self._since_last:
             return None
         a = (0.0, 0.0)
         b = local_xy(last["lat"], last["lon"], fix["lat"], fix["lon"])

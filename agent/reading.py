@@ -9,7 +9,9 @@ from typing import Any
 
 # Streams in the order the uplink serves them when there is a backlog: events that customs and
 # dispatch act on first, then where the lorry is, then the rest. Unknown streams come last.
-STREAM_PRIORITY: tuple[str, ...] = ("alarm", "seal", "position", "temperature", "can", "health")
+STREAM_PRIORITY: tuple[str, ...] = (
+    "alarm", "seal", "position", "ignition", "temperature", "can", "health",
+)
 
 # Keys every payload object starts with; stream data may not override them. `ts_trusted`
 # (false) is added when the time could not be established.

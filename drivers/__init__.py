@@ -15,6 +15,9 @@ REGISTRY: dict[str, dict[str, str]] = {
         "nmea": "drivers.gps:NmeaGps",
         "gpsd": "drivers.gpsd:GpsdGps",
     },
+    "ignition": {
+        "gpio": "drivers.ignition:GpioIgnition",
+    },
 }
 
 

@@ -15,6 +15,9 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import reduce
+from math import isfinite
+from operator import xor
 from typing import Any
 
 import pynmea2
@@ -23,6 +26,24 @@ import pynmea2
 EPOCH_TYPES = frozenset({"RMC", "GGA", "GNS", "GLL", "ZDA", "VTG"})
 TIMELESS = frozenset({"VTG"})
 STATE_TYPES = frozenset({"GSA", "GSV"})
+# pynmea2's sentence classes are the field layout: where each field sits in each type.
+_LAYOUT = {k: pynmea2.TalkerSentence.sentence_types[k] for k in EPOCH_TYPES}
+_WIDTH = {k: len(cls.fields) for k, cls in _LAYOUT.items()}
+
+
+def _i(kind: str, name: str) -> int:
+    return _LAYOUT[kind].name_to_idx[name]
+
+
+TIME = {k: _i(k, "timestamp") for k in EPOCH_TYPES if k != "VTG"}
+RMC_STATUS, RMC_SPEED, RMC_COURSE, RMC_DATE, RMC_MODE = (
+    _i("RMC", n) for n in ("status", "spd_over_grnd", "true_course", "datestamp", "mode_indicator"))
+GGA_QUAL, GGA_SATS, GGA_HDOP, GGA_ALT = (_i("GGA", n) for n in ("gps_qual", "num_sats", "horizontal_dil", "altitude"))
+GNS_MODE, GNS_SATS, GNS_HDOP, GNS_ALT = (_i("GNS", n) for n in ("mode_indicator", "num_sats", "hdop", "altitude"))
+GLL_STATUS = _i("GLL", "status")
+VTG_TRACK, VTG_KNOTS, VTG_KMH = (_i("VTG", n) for n in ("true_track", "spd_over_grnd_kts", "spd_over_grnd_kmph"))
+ZDA_DAY, ZDA_MONTH, ZDA_YEAR = (_i("ZDA", n) for n in ("day", "month", "year"))
+LATLON = {k: tuple(_i(k, n) for n in ("lat", "lat_dir", "lon", "lon_dir")) for k in ("RMC", "GGA", "GNS", "GLL")}
 
 KNOT_KMH = 1.852
 DAY_MS = 86_400_000
@@ -96,7 +117,7 @@ class NmeaCounters:
 @dataclass
 class _Epoch:
     tod_ms: int
-    parts: dict[str, pynmea2.NMEASentence] = field(default_factory=dict)
+    parts: dict[str, list[str]] = field(default_factory=dict)
 
 
 class NmeaAssembler:
@@ -123,7 +144,10 @@ class NmeaAssembler:
         self._last_kinds: set[str] = set()
         self._date: dt.date | None = default_date
         self._date_tod: int = 0
-        self._orphan_vtg: pynmea2.NMEASentence | None = None
+        self._orphan_vtg: list[str] | None = None
+        self._tod_raw: str | None = None
+        self._tod: int | None = None
+        self._date_raw: str | None = None
         self._mode: int | None = None
         self._sky: dict[str, tuple[int, float]] = {}
 
@@ -139,26 +163,30 @@ class NmeaAssembler:
             self._comment(line if isinstance(line, str) else line.decode("ascii", "replace"))
             return
         self.counters.lines += 1
-        msg = self._sentence(line)
-        if msg is None:
+        got = self._sentence(line)
+        if got is None:
             return
-        kind = msg.sentence_type
-        if kind in STATE_TYPES:
-            return
+        kind, msg = got
         if kind in TIMELESS:
             self.counters.sentences += 1
             if self._epoch is not None:
                 self._epoch.parts[kind] = msg
                 if self._expected and self._expected.issubset(self._epoch.parts):
-                    yield from self._finish()
+                    if (fix := self._finish()) is not None:
+                        yield fix
             else:
                 self._orphan_vtg = msg  # sent before the epoch's first timed sentence
             return
-        try:
-            tod = _tod_ms(_raw(msg, "timestamp"))
-        except ValueError:
-            self.counters.bad_field += 1
-            return
+        raw_time = msg[TIME[kind]]
+        if raw_time == self._tod_raw:
+            tod = self._tod  # the epoch's second sentence: same time text, parsed once
+        else:
+            try:
+                tod = _tod_ms(raw_time.strip())
+            except ValueError:
+                self.counters.bad_field += 1
+                return
+            self._tod_raw, self._tod = raw_time, tod
         self.counters.sentences += 1
         if tod is None:
             # A receiver without time has no fix either (cold start: '$GPRMC,,V,,,,,,,,,,N').
@@ -167,11 +195,12 @@ class NmeaAssembler:
             return
         epoch = self._epoch
         if epoch is not None and epoch.tod_ms != tod:
-            yield from self._finish()
+            if (fix := self._finish()) is not None:
+                yield fix
             epoch = None
         if kind in ("RMC", "ZDA"):
             # Only now: the date belongs to this sentence's epoch, not to the one just finished.
-            self._learn_date(msg, tod)
+            self._learn_date(kind, msg, tod)
         if epoch is None:
             if tod == self._last_tod:
                 # A straggler for an epoch already reported: remember the receiver sends it.
@@ -183,55 +212,64 @@ class NmeaAssembler:
                 epoch.parts["VTG"], self._orphan_vtg = self._orphan_vtg, None
         epoch.parts[kind] = msg
         if self._expected and self._expected.issubset(epoch.parts):
-            yield from self._finish()
+            if (fix := self._finish()) is not None:
+                yield fix
 
     def finish(self) -> Iterator[Fix]:
         """End of input (or the receiver went quiet): the epoch in progress is complete."""
-        yield from self._finish()
+        if (fix := self._finish()) is not None:
+            yield fix
 
     # -- sentences ------------------------------------------------------------------------------
 
-    def _sentence(self, line: bytes | str) -> pynmea2.NMEASentence | None:
+    def _sentence(self, line: bytes | str) -> tuple[str, list[str]] | None:
+        """A checksum-verified sentence of a type we use, or None (counted)."""
         # Noise before the '$' (0xFF at power-up, a '$$' prefix) and collisions
         # ('$GPGGA,12$GPRMC,…') leave the last sentence.
-        if isinstance(line, bytes):
-            at = line.rfind(b"$")
-            try:
-                line = line[max(at, 0):].decode("ascii")
-            except UnicodeDecodeError:
-                self.counters.garbage += 1
-                return None
-        start = line.rfind("$")
+        if isinstance(line, str):
+            if not line.isascii():
+                line = line.encode("ascii", "replace")
+            else:
+                line = line.encode("ascii")
+        start = line.rfind(b"$")
         if start < 0 or len(line) - start < 10:
             if line.strip():
                 self.counters.garbage += 1
             return None
         line = line[start:].rstrip()
-        if not line.isascii():
-            self.counters.garbage += 1
-            return None
-        ok = _checksum_ok(line)
-        if ok is None:
+        star = line.rfind(b"*")
+        if star < 1 or len(line) - star != 3:
             self.counters.garbage += 1  # truncated: no '*hh'
+            return None
+        body = line[1:star]
+        try:
+            ok = reduce(xor, body) == int(line[star + 1 :], 16)
+            text = body.decode("ascii")
+        except (ValueError, UnicodeDecodeError):
+            self.counters.garbage += 1
             return None
         if not ok:
             self.counters.bad_checksum += 1
             return None
-        kind = line[3:6] if line[1] != "P" else ""
-        if kind in STATE_TYPES:
-            self._state(kind, line)
-            return None
-        if kind not in EPOCH_TYPES:
+        fields = text.split(",")
+        head = fields[0]
+        kind = head[2:]
+        if len(head) != 5 or head[0] == "P":  # proprietary ($PGRME…) or not a talker sentence
             self.counters.ignored += 1
-            return None
-        try:
-            return pynmea2.parse(line)  # checksum already verified
-        except (pynmea2.ParseError, ValueError):
-            self.counters.garbage += 1
-            return None
+        elif kind in STATE_TYPES:
+            self._state(kind, fields)
+        elif (width := _WIDTH.get(kind)) is not None:
+            # Fields by pynmea2's layout (padded: receivers drop trailing empty fields). The
+            # checksum and split above are done once, which is what keeps this path fast.
+            data = fields[1:]
+            if len(data) < width:
+                data += [""] * (width - len(data))
+            return kind, data
+        else:
+            self.counters.ignored += 1
+        return None
 
-    def _state(self, kind: str, line: str) -> None:
-        fields = line[1 : line.rfind("*")].split(",")
+    def _state(self, kind: str, fields: list[str]) -> None:
         try:
             if kind == "GSA":
                 mode = int(fields[2]) if len(fields) > 2 and fields[2] else None
@@ -260,15 +298,19 @@ class NmeaAssembler:
         if self._date is None:
             self._date_hint = lambda: day
 
-    def _learn_date(self, msg: pynmea2.NMEASentence, tod: int) -> None:
+    def _learn_date(self, kind: str, msg: list[str], tod: int) -> None:
         try:
-            if msg.sentence_type == "ZDA":
-                day = dt.date(int(_raw(msg, "year")), int(_raw(msg, "month")), int(_raw(msg, "day")))
+            if kind == "ZDA":
+                day = dt.date(int(msg[ZDA_YEAR]), int(msg[ZDA_MONTH]), int(msg[ZDA_DAY]))
             else:
-                raw = _raw(msg, "datestamp")
+                raw = msg[RMC_DATE].strip()
+                if raw == self._date_raw and self._date is not None:
+                    self._date_tod = tod  # the same date as the last RMC: already known
+                    return
                 if len(raw) != 6 or not raw.isdigit():
                     return
                 day = dt.date(2000 + int(raw[4:6]), int(raw[2:4]), int(raw[0:2]))
+                self._date_raw = raw
         except ValueError:
             return
         if day < self.date_floor:
@@ -291,25 +333,27 @@ class NmeaAssembler:
 
     # -- epochs ---------------------------------------------------------------------------------
 
-    def _finish(self) -> Iterator[Fix]:
+    def _finish(self) -> Fix | None:
         epoch, self._epoch = self._epoch, None
         if epoch is None:
-            return
+            return None
         self._last_tod = epoch.tod_ms
-        self._last_kinds = set(epoch.parts)
-        self._expected = frozenset(epoch.parts)
+        kinds = epoch.parts.keys()
+        if kinds != self._expected:
+            self._last_kinds = set(kinds)
+            self._expected = frozenset(kinds)
         try:
             fix = self._merge(epoch)
         except ValueError:
             self.counters.bad_field += 1
-            return
+            return None
         if fix is not None:
             self.counters.fixes += 1
-            yield fix
+        return fix
 
     def _merge(self, epoch: _Epoch) -> Fix | None:
         p = epoch.parts
-        rmc, gga, gns, gll, vtg = (p.get(k) for k in ("RMC", "GGA", "GNS", "GLL", "VTG"))
+        rmc, gga, gns, gll, vtg = p.get("RMC"), p.get("GGA"), p.get("GNS"), p.get("GLL"), p.get("VTG")
         if rmc is None and gga is None and gns is None and gll is None:
             return None  # ZDA or VTG alone: a time, not a position
         fix_kind = _fix_kind(rmc, gga, gns, gll)
@@ -320,85 +364,53 @@ class NmeaAssembler:
         if day is None:
             self.counters.no_date += 1
             return None
-        src = next(s for s in (rmc, gga, gns, gll) if s is not None)
-        lat, lon = _latlon(src)
-        alt_src = gga if gga is not None else gns
+        src, (la, ns, lo, ew) = next((p[k], LATLON[k]) for k in ("RMC", "GGA", "GNS", "GLL") if k in p)
+        lat = _degrees(src[la], 2, src[ns], "NS", 90)
+        lon = _degrees(src[lo], 3, src[ew], "EW", 180)
         if rmc is not None:
-            speed = _mul(_float(_raw(rmc, "spd_over_grnd")), KNOT_KMH)
-            course = _float(_raw(rmc, "true_course"))
+            speed = _knots_kmh(rmc[RMC_SPEED])
+            course = _float(rmc[RMC_COURSE])
         elif vtg is not None:
             # Knots first, like RMC: receivers round the km/h field on its own ("0.0 N, 0.1 K").
-            speed = _mul(_float(_raw(vtg, "spd_over_grnd_kts")), KNOT_KMH)
+            speed = _knots_kmh(vtg[VTG_KNOTS])
             if speed is None:
-                speed = _float(_raw(vtg, "spd_over_grnd_kmph"))
-            course = _float(_raw(vtg, "true_track"))
+                speed = _float(vtg[VTG_KMH])
+            course = _float(vtg[VTG_TRACK])
         else:
             speed = course = None
-        return Fix(
-            ts_ms=_day_ms(day) + epoch.tod_ms,
-            lat=lat,
-            lon=lon,
-            speed_kmh=speed,
-            course=course,
-            alt_m=None if alt_src is None else _float(_raw(alt_src, "altitude")),
-            sats=None if alt_src is None else _int(_raw(alt_src, "num_sats")),
-            hdop=None if alt_src is None else _float(
-                _raw(alt_src, "horizontal_dil" if alt_src is gga else "hdop")
-            ),
-            fix=fix_kind,
-            # GSA is timeless and many receivers send it after the epoch's RMC/GGA: a "no fix"
-            # from the last one is stale once the epoch's own sentences say there is a fix.
-            mode=self._mode if self._mode in (2, 3) else None,
-        )
+        if gga is not None:
+            alt, sats, hdop = _float(gga[GGA_ALT]), _int(gga[GGA_SATS]), _float(gga[GGA_HDOP])
+        elif gns is not None:
+            alt, sats, hdop = _float(gns[GNS_ALT]), _int(gns[GNS_SATS]), _float(gns[GNS_HDOP])
+        else:
+            alt = sats = hdop = None
+        # GSA is timeless and many receivers send it after the epoch's RMC/GGA: a "no fix"
+        # from the last one is stale once the epoch's own sentences say there is a fix.
+        mode = self._mode if self._mode in (2, 3) else None
+        return Fix(_day_ms(day) + epoch.tod_ms, lat, lon, speed, course, alt, sats, hdop, fix_kind, mode)
 
 
-def _fix_kind(rmc: Any, gga: Any, gns: Any, gll: Any) -> str | None:
+def _fix_kind(rmc: list[str] | None, gga: list[str] | None, gns: list[str] | None,
+              gll: list[str] | None) -> str | None:
     """What kind of fix the epoch's sentences agree on; None if any says there is none."""
     kind: str | None = "gps"
     if rmc is not None:
-        if _raw(rmc, "status") != "A":
+        if rmc[RMC_STATUS].strip() != "A":
             return None
-        if mode := _raw(rmc, "mode_indicator"):
+        if mode := rmc[RMC_MODE].strip():
             kind = MODE_FIX.get(mode[0])
     if gga is not None and kind is not None:
-        qual = _int(_raw(gga, "gps_qual"))
+        qual = _int(gga[GGA_QUAL])
         kind = GGA_FIX.get(qual) if qual is not None else None
     if gns is not None and kind is not None:
-        modes = [MODE_FIX.get(c) for c in _raw(gns, "mode_indicator")]
-        gns_kind = next((m for m in modes if m), None)
+        gns_kind = next((m for c in gns[GNS_MODE].strip() if (m := MODE_FIX.get(c))), None)
         if gns_kind is None:
             return None
         if rmc is None and gga is None:
             kind = gns_kind
-    if gll is not None and kind is not None and _raw(gll, "status") != "A":
+    if gll is not None and kind is not None and gll[GLL_STATUS].strip() != "A":
         return None
     return kind
-
-
-def _checksum_ok(line: str) -> bool | None:
-    """The '*hh' checksum of ``$…*hh``; None when missing. XOR of all bytes by folding the
-    line as one big integer: a few big-int operations instead of a Python loop per byte."""
-    star = line.rfind("*")
-    if star < 1 or len(line) - star != 3:
-        return None
-    try:
-        want = int(line[star + 1 :], 16)
-    except ValueError:
-        return None
-    body = line[1:star].encode("ascii")
-    n = len(body)
-    x = int.from_bytes(body, "big")
-    while n > 1:
-        half = n // 2
-        x = (x >> (8 * half)) ^ (x & ((1 << (8 * half)) - 1))
-        n -= half
-    return x == want
-
-
-def _raw(msg: pynmea2.NMEASentence, name: str) -> str:
-    """A field's text as sent; pynmea2's converted attributes return junk text on bad input."""
-    i = type(msg).name_to_idx[name]
-    return msg.data[i].strip() if i < len(msg.data) else ""
 
 
 def _tod_ms(raw: str) -> int | None:
@@ -411,47 +423,47 @@ def _tod_ms(raw: str) -> int | None:
     return (h * 3600 + m * 60) * 1000 + round(s * 1000)
 
 
-def _latlon(msg: pynmea2.NMEASentence) -> tuple[float, float]:
-    lat = _degrees(_raw(msg, "lat"), 2, _raw(msg, "lat_dir"), "NS", 90)
-    lon = _degrees(_raw(msg, "lon"), 3, _raw(msg, "lon_dir"), "EW", 180)
-    return lat, lon
-
-
 def _degrees(raw: str, deg_digits: int, hemi: str, dirs: str, limit: float) -> float:
     """``ddmm.mmmm`` (or ``dddmm.mmmm``) and a hemisphere letter → signed decimal degrees."""
-    whole, dot, frac = raw.partition(".")
-    if (len(hemi) != 1 or hemi not in dirs or len(whole) != deg_digits + 2
-            or not whole.isdigit() or not (frac.isdigit() or (not dot and not frac))):
+    n = deg_digits + 2
+    if hemi not in _HEMISPHERES[dirs] or raw[n:n + 1] not in _DOT_OR_END or not raw[:n].isdigit():
+        raw, hemi = raw.strip(), hemi.strip()  # padded fields are rare: check again, slowly
+        if hemi not in _HEMISPHERES[dirs] or raw[n:n + 1] not in _DOT_OR_END or not raw[:n].isdigit():
+            raise ValueError(raw)
+    frac = raw[n + 1:]
+    if frac and not frac.isdigit():
         raise ValueError(raw)
-    deg = int(whole[:deg_digits])
     minutes = float(raw[deg_digits:])
-    if minutes >= 60:
-        raise ValueError(raw)
-    value = deg + minutes / 60
-    if value > limit:
+    value = int(raw[:deg_digits]) + minutes / 60
+    if minutes >= 60 or value > limit:
         raise ValueError(raw)
     return -value if hemi == dirs[1] else value
 
 
+_HEMISPHERES = {"NS": ("N", "S"), "EW": ("E", "W")}
+_DOT_OR_END = (".", "")
+
+
 def _float(raw: str) -> float | None:
-    if not raw:
+    if not raw or raw.isspace():
         return None
     v = float(raw)  # ValueError on junk: the epoch's fields are untrustworthy
-    if v != v or v in (float("inf"), float("-inf")):
+    if not isfinite(v):
         raise ValueError(raw)
     return v
 
 
 def _int(raw: str) -> int | None:
-    return int(raw) if raw else None
+    return int(raw) if raw and not raw.isspace() else None
 
 
-def _mul(v: float | None, k: float) -> float | None:
-    return None if v is None else v * k
-
-
-_EPOCH_DAY = dt.date(1970, 1, 1)
+def _knots_kmh(raw: str) -> float | None:
+    v = _float(raw)
+    return None if v is None else v * KNOT_KMH
 
 
 def _day_ms(day: dt.date) -> int:
-    return (day - _EPOCH_DAY).days * DAY_MS
+    return (day.toordinal() - _EPOCH_ORDINAL) * DAY_MS
+
+
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()

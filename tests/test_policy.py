@@ -149,3 +149,17 @@ def test_default_policy_on_the_demo_trip_saves_data_and_keeps_the_track() -> Non
 def test_hysteresis_must_be_consistent(bad: dict) -> None:
     with pytest.raises(ValueError, match="start_speed_kmh"):
         ReportingConfig(**bad)
+
+
+def test_memory_stays_bounded_when_standing_still_for_days() -> None:
+    """Unreported fixes are only kept for the corridor while moving."""
+    for cfg in (ReportingConfig(stopped_period_s=0), ReportingConfig()):
+        p = ReportingPolicy(cfg)
+        for s in range(200_000):  # 2.3 days at 1 Hz, standing
+            p.decide(T0 + s * 1000, fix(speed=0.0))
+        assert len(p._since_last) == 0
+        p.set_ignition(True)
+        p.set_ignition(False)
+        for s in range(200_000, 210_000):
+            p.decide(T0 + s * 1000, fix(speed=0.0))
+        assert p.state == "parked" and len(p._since_last) == 0
