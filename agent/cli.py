@@ -68,9 +68,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(path)
     if cfg is None:
         return 1
-    sources = [name for name in ("gps",) if getattr(cfg, name) is not None]
     print(f"{path}: OK (device {cfg.device.id}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
-          f"sources: {', '.join(sources) or 'none'})")
+          f"sources: {', '.join(cfg.sources) or 'none'})")
     return 0
 
 

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 DEFAULT_PATH = Path("/etc/lorry-agent/agent.toml")
+SOURCE_SECTIONS = ("gps", "ignition")
 
 # Topic levels must not contain MQTT wildcards or separators.
 TOPIC_SAFE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -227,6 +228,11 @@ class Config(Section):
     @property
     def client_id(self) -> str:
         return self.mqtt.client_id or self.device.id
+
+    @property
+    def sources(self) -> list[str]:
+        """The configured source sections, for messages to a technician."""
+        return [name for name in SOURCE_SECTIONS if getattr(self, name) is not None]
 
     def topic(self, stream: str) -> str:
         return f"{self.mqtt.topic_prefix}/{self.device.id}/{stream}"
