@@ -51,6 +51,8 @@ def collect(store_path: Path) -> dict[str, Any]:
         "store_health": agent.get("store"),
         "rejected_readings": agent.get("rejected_readings"),
         "reporting": agent.get("reporting"),
+        "fix_filter": agent.get("fix_filter"),
+        "clock": agent.get("clock"),
     }
 
 
@@ -80,6 +82,18 @@ def render(s: dict[str, Any]) -> str:
         counters = ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool))
         lines.append(f"{name}: {'connected' if d.get('connected') else 'not connected'}; {counters}"
                      + (f"; last error: {d['last_error']}" if d.get("last_error") else ""))
+        if d.get("satellites_in_view"):
+            sky = ", ".join(f"{k} {v}" for k, v in d["satellites_in_view"].items())
+            lines.append(f"  satellites in view: {sky}")
+    if s.get("reporting"):
+        r = s["reporting"]
+        lines.append(f"reporting: {r.get('state')}; {r.get('reported')} of {r.get('fixes')} good fixes reported"
+                     + (f"; rejected by quality filter: {s['fix_filter']}" if s.get("fix_filter") else ""))
+    if s.get("clock"):
+        c = s["clock"]
+        source = "GPS" if c.get("gps_time") else ("system clock (NTP)" if c.get("system_trusted") else "none yet")
+        err = f"; system clock off by {c['system_error_s']:+.1f} s" if c.get("system_error_s") is not None else ""
+        lines.append(f"time source: {source}{err}")
     if s.get("rejected_readings"):
         lines.append(f"rejected readings: {s['rejected_readings']}")
     return "\n".join(lines)
