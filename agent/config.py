@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 DEFAULT_PATH = Path("/etc/lorry-agent/agent.toml")
-SOURCE_SECTIONS = ("gps", "ignition")
+SOURCE_SECTIONS = ("gps", "can", "ignition")
 
 # Topic levels must not contain MQTT wildcards or separators.
 TOPIC_SAFE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -179,6 +179,51 @@ class ReportingConfig(Section):
         )
 
 
+class SignalConfig(Section):
+    """Sampling of one CAN signal: the backend wants a few values a minute, not 100 a second."""
+
+    min_interval_s: Annotated[float, Field(ge=0)] | None = None
+    """Never more often than this (default: [can] min_interval_s)."""
+    deadband: Annotated[float, Field(ge=0)] | None = None
+    """Sent when it changed by at least this since the last value sent (default: the signal's own)."""
+    max_interval_s: Annotated[float, Field(ge=0)] | None = None
+    """Sent at least this often even without change (default: [can] max_interval_s; 0: only on change)."""
+    enabled: bool = True
+
+
+class CanConfig(Section):
+    interface: Literal["socketcan", "virtual", "replay"] = "socketcan"
+    channel: str = "can0"
+    replay: Path | None = None
+    """With interface = "replay": a capture (candump .log, .asc, .blf, .csv… anything
+    can.LogReader reads); readings keep the capture's times."""
+    replay_speed: Annotated[float, Field(ge=0)] = 0.0
+    """1 = real time, 0 = as fast as possible."""
+    dbc: list[Path] = []
+    """The fleet's own DBC files (decoded with cantools); their messages take precedence over
+    the built-in J1939 table for the same PGN."""
+    min_interval_s: Annotated[float, Field(ge=0)] = 30.0
+    max_interval_s: Annotated[float, Field(ge=0)] = 300.0
+    signals: dict[str, SignalConfig] = {}
+    """Per signal name (built-in: docs/can.md, or a DBC signal name)."""
+    requests: list[Literal["vin", "hours", "fuel"]] = []
+    """PGNs to request (PGN 59904) every request_interval_s. Empty: the agent never transmits."""
+    request_interval_s: Annotated[float, Field(gt=0)] = 3600.0
+    source_address: Annotated[int, Field(ge=0, le=253)] = 249
+    """Our address for requests (0xF9: off-board diagnostic tool #1), only used with requests."""
+    ignition: bool = False
+    """Derive the ignition from the bus: frames arriving = on, silent for ignition_silence_s = off."""
+    ignition_silence_s: Annotated[float, Field(gt=0)] = 10.0
+    reopen_min_s: Annotated[float, Field(gt=0)] = 1.0
+    reopen_max_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _replay_needs_file(self) -> CanConfig:
+        if (self.interface == "replay") != (self.replay is not None):
+            raise ValueError('interface = "replay" and replay = "file" go together')
+        return self
+
+
 class IgnitionConfig(Section):
     """Where the ignition state comes from; it switches the reporting policy to `parked`."""
 
@@ -219,6 +264,7 @@ class Config(Section):
     mqtt: MqttConfig = MqttConfig()
     store: StoreConfig = StoreConfig()
     gps: GpsConfig | None = None
+    can: CanConfig | None = None
     ignition: IgnitionConfig | None = None
     reporting: ReportingConfig = ReportingConfig()
     health: HealthConfig = HealthConfig()
@@ -267,6 +313,11 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
     updates: dict[str, Any] = {}
     if cfg.gps and cfg.gps.replay and (r := rel(cfg.gps.replay)):
         updates["gps"] = cfg.gps.model_copy(update={"replay": r})
+    if cfg.can is not None:
+        can_updates: dict[str, Any] = {"dbc": [rel(p) or p for p in cfg.can.dbc]}
+        if cfg.can.replay is not None:
+            can_updates["replay"] = rel(cfg.can.replay) or cfg.can.replay
+        updates["can"] = cfg.can.model_copy(update=can_updates)
     if str(cfg.store.path) != ":memory:" and (r := rel(cfg.store.path)):
         updates["store"] = cfg.store.model_copy(update={"path": r})
     mqtt_updates: dict[str, Any] = {}
@@ -318,10 +369,16 @@ def _where(loc: list[str]) -> str:
 
 def _model_at(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] | None = Config
-    for part in loc:
+    parts = iter(loc)
+    for part in parts:
         if model is None or part not in model.model_fields:
             return None
-        model = _section_type(model.model_fields[part].annotation)
+        annotation = model.model_fields[part].annotation
+        if get_origin(annotation) is dict:  # [can.signals.NAME]: the next part is a key
+            if next(parts, None) is None:
+                return None
+            annotation = get_args(annotation)[1]
+        model = _section_type(annotation)
     return model
 
 

@@ -24,6 +24,13 @@ def health_reading(*, started_mono: float, clock: TimeKeeper, drivers: list[Driv
                 "satellites_in_view": st.get("satellites_in_view", {}),
                 "bad_lines": st.get("bad_checksum", 0) + st.get("garbage", 0),
             }
+        elif d.kind == "can":
+            data["vehicle"] = {
+                "vin": st.get("vin"),
+                "active_dtcs": len(st.get("active_dtcs", [])),
+                "can_connected": st.get("connected"),
+                "can_errors": {"error_frames": st.get("error_frames", 0), "bus_off": st.get("bus_off", 0)},
+            }
     fix = pipeline_status.get("last_fix")
     if fix:
         data.setdefault("gps", {})["sats_used"] = fix.get("sats")

@@ -37,6 +37,8 @@ def build_drivers(config: Config, emit: Any) -> list[Driver]:
     if config.gps is not None:
         name = "gpsd" if config.gps.gpsd else "nmea"
         drivers.append(driver_class("gps", name)(config.gps, emit))
+    if config.can is not None:
+        drivers.append(driver_class("can", config.can.interface)(config.can, emit))
     if config.ignition is not None:
         drivers.append(driver_class("ignition", config.ignition.source)(config.ignition, emit))
     return drivers

@@ -15,6 +15,11 @@ REGISTRY: dict[str, dict[str, str]] = {
         "nmea": "drivers.gps:NmeaGps",
         "gpsd": "drivers.gpsd:GpsdGps",
     },
+    "can": {
+        "socketcan": "drivers.can:CanBus",
+        "virtual": "drivers.can:CanBus",
+        "replay": "drivers.can:CanBus",
+    },
     "ignition": {
         "gpio": "drivers.ignition:GpioIgnition",
     },

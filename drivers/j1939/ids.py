@@ -1,0 +1,36 @@
+"""29-bit J1939 identifiers → priority, PGN, source and destination address."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+GLOBAL = 0xFF
+REQUEST_PGN = 59904  # 0xEA00
+TP_CM_PGN = 60416  # 0xEC00
+TP_DT_PGN = 60160  # 0xEB00
+
+
+class J1939Id(NamedTuple):
+    priority: int
+    pgn: int
+    sa: int
+    da: int
+    """Destination: the PS byte for PDU1 (PF < 240) PGNs, global (0xFF) for PDU2 broadcasts."""
+
+
+def parse_id(can_id: int) -> J1939Id:
+    """PDU1 (PF < 240): PS is a destination address and not part of the PGN; PDU2: PS is the
+    group extension. EDP and DP are the top bits of the PGN."""
+    pf = (can_id >> 16) & 0xFF
+    ps = (can_id >> 8) & 0xFF
+    pgn = (can_id >> 8) & 0x3FFFF
+    if pf < 240:
+        return J1939Id((can_id >> 26) & 0x7, pgn & 0x3FF00, can_id & 0xFF, ps)
+    return J1939Id((can_id >> 26) & 0x7, pgn, can_id & 0xFF, GLOBAL)
+
+
+def make_id(priority: int, pgn: int, sa: int, da: int = GLOBAL) -> int:
+    """The identifier to send ``pgn`` from ``sa`` (to ``da`` for PDU1 PGNs)."""
+    if (pgn >> 8) & 0xFF < 240:
+        pgn = (pgn & 0x3FF00) | da
+    return (priority & 0x7) << 26 | (pgn & 0x3FFFF) << 8 | (sa & 0xFF)
