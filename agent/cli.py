@@ -68,14 +68,37 @@ def _cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(path)
     if cfg is None:
         return 1
+    problems = source_problems(cfg)
+    if problems:
+        print(f"configuration error in {path}:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
     print(f"{path}: OK (device {cfg.device.id}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
           f"sources: {', '.join(cfg.sources) or 'none'})")
     return 0
 
 
+def source_problems(cfg: config_mod.Config) -> list[str]:
+    """What each configured source's driver finds wrong with its section."""
+    from agent.runner import driver_for
+
+    problems = []
+    for name in cfg.sources:
+        cls, section = driver_for(cfg, name)
+        problems += cls.check(section)
+    return problems
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
+        return 1
+    problems = source_problems(cfg)
+    if problems:
+        print(f"configuration error in {args.config}:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
         return 1
     _setup_logging(cfg.log.level)
     from agent.runner import run

@@ -31,16 +31,23 @@ STATE_KEY = "status"
 TICK_S = 1.0
 
 
+def driver_for(config: Config, section: str) -> tuple[type[Driver], Any]:
+    """The driver class a configured source section selects, and that section."""
+    cfg = getattr(config, section)
+    name = {
+        "gps": lambda: "gpsd" if cfg.gpsd else "nmea",
+        "can": lambda: cfg.interface,
+        "ignition": lambda: cfg.source,
+    }[section]()
+    return driver_class(section, name), cfg
+
+
 def build_drivers(config: Config, emit: Any) -> list[Driver]:
     """One driver per configured source section."""
-    drivers: list[Driver] = []
-    if config.gps is not None:
-        name = "gpsd" if config.gps.gpsd else "nmea"
-        drivers.append(driver_class("gps", name)(config.gps, emit))
-    if config.can is not None:
-        drivers.append(driver_class("can", config.can.interface)(config.can, emit))
-    if config.ignition is not None:
-        drivers.append(driver_class("ignition", config.ignition.source)(config.ignition, emit))
+    drivers = []
+    for section in config.sources:
+        cls, cfg = driver_for(config, section)
+        drivers.append(cls(cfg, emit))
     return drivers
 
 

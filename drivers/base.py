@@ -32,6 +32,12 @@ class Driver(ABC):
     @abstractmethod
     def run(self, stop: threading.Event) -> None: ...
 
+    @classmethod
+    def check(cls, config: Any) -> list[str]:
+        """Problems with this driver's config section that the schema cannot see (a DBC file
+        that does not parse, an unknown signal name), as ``[section] key: problem`` lines."""
+        return []
+
     @abstractmethod
     def status(self) -> dict[str, Any]:
         """Counters and state for ``lorry-agent status`` and the health reading."""

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 CAN_ERR_BUSOFF = 0x40
 CAN_ERR_RESTARTED = 0x100
 RECV_TIMEOUT_S = 0.5
+# After a bus-off with no frame since, the interface is reopened this long later (the kernel's
+# own restart, `RestartSec=` in systemd-networkd, normally brings it back first).
+BUS_OFF_REOPEN_S = 5.0
 # Sampled values are gathered into one `can` reading per this much bus time.
 GROUP_S = 1.0
 REQUESTS = {"vin": VIN_PGN, "hours": spn.HOURS, "fuel": spn.LFC1}
@@ -84,7 +87,7 @@ class CanBus(Driver):
         super().__init__(config, emit)
         self.finite = config.interface == "replay"
         self._bus_factory = bus_factory or self._open_bus
-        self._dbc = dbc.load(config.dbc)
+        self._dbc = dbc.load(config.dbc)  # check() has reported a bad file before we get here
         self._handlers: dict[int, Any] = {}
         self.tp = TransportReassembler()
         self.dtcs = DtcTracker()
@@ -102,8 +105,27 @@ class CanBus(Driver):
         self._last_frame_mono = 0.0
         self._next_request = 0.0
         self._live_clock = not self.finite
+        self._bus_off_at: float | None = None
 
     # -- driver interface -------------------------------------------------------------------
+
+    @classmethod
+    def check(cls, config: CanConfig) -> list[str]:
+        problems = []
+        try:
+            known_dbc = {sig.name for m in dbc.load(config.dbc).values() for sig in m.signals}
+        except Exception as e:  # noqa: BLE001 - cantools raises many types for a bad file
+            return [f"[can] dbc: cannot use {', '.join(map(str, config.dbc))}: {e}"]
+        known = set(spn.BY_NAME) | known_dbc
+        for name in config.signals:
+            if name not in known:
+                problems.append(
+                    f"[can.signals.{name}]: unknown signal; built-in: {', '.join(spn.BY_NAME)}"
+                    + (f"; from the DBC files: {', '.join(sorted(known_dbc))}" if known_dbc else "")
+                )
+        if config.interface == "replay" and config.replay is not None and not config.replay.exists():
+            problems.append(f"[can] replay: no such file {config.replay}")
+        return problems
 
     def run(self, stop: threading.Event) -> None:
         if self.finite:
@@ -297,8 +319,10 @@ class CanBus(Driver):
         self.counters["error_frames"] += 1
         if msg.arbitration_id & CAN_ERR_BUSOFF:
             self.counters["bus_off"] += 1
+            self._bus_off_at = time.monotonic()
             self._problem(f"{self.config.channel}: bus-off", True)
         elif msg.arbitration_id & CAN_ERR_RESTARTED:
+            self._bus_off_at = None
             self.last_error = None
 
     def _alive(self, ts: float, bus: can.BusABC | None) -> None:
@@ -318,6 +342,9 @@ class CanBus(Driver):
         """No frame for RECV_TIMEOUT_S: flush, and notice a silent bus (ignition off)."""
         self._flush()
         silent = time.monotonic() - self._last_frame_mono
+        if self._bus_off_at is not None and time.monotonic() - self._bus_off_at >= BUS_OFF_REOPEN_S and silent >= BUS_OFF_REOPEN_S:
+            self._bus_off_at = None
+            raise can.CanOperationError("bus-off and silent since: reopening the interface")
         if self.config.ignition and self.ignition and silent >= self.config.ignition_silence_s:
             ts = (self._last_frame_ts or 0.0) + silent
             self._set_ignition(False, ts)

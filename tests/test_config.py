@@ -127,3 +127,21 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     assert str(bad) in r.stderr
     assert "[mqtt] port:" in r.stderr and "[mqtt] hots: unknown key" in r.stderr
     assert run_cli("check-config", "--config", str(good)).returncode == 0
+
+
+def test_can_signal_names_and_dbc_files_are_checked(tmp_path: Path) -> None:
+    cfg = tmp_path / "can.toml"
+    cfg.write_text(MINIMAL + '[can]\ninterface = "virtual"\n[can.signals.engine_sped]\nmin_interval_s = 5\n')
+    r = run_cli("check-config", str(cfg))
+    assert r.returncode == 1
+    assert "[can.signals.engine_sped]: unknown signal; built-in: engine_speed" in r.stderr
+    bad_dbc = tmp_path / "broken.dbc"
+    bad_dbc.write_text("BO_ this is not a DBC\n")
+    cfg.write_text(MINIMAL + f'[can]\ninterface = "virtual"\ndbc = ["{bad_dbc}"]\n')
+    r = run_cli("check-config", str(cfg))
+    assert r.returncode == 1 and "[can] dbc: cannot use" in r.stderr
+    r = run_cli("run", "--config", str(cfg))
+    assert r.returncode == 1 and "[can] dbc: cannot use" in r.stderr, "the daemon refuses it too"
+    cfg.write_text(MINIMAL + '[can]\ninterface = "replay"\n')
+    r = run_cli("check-config", str(cfg))
+    assert r.returncode == 1 and 'interface = "replay" and replay = "file" go together' in r.stderr
