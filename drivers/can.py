@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import can
@@ -29,9 +30,12 @@ from drivers.j1939.tp import TransportReassembler
 
 log = logging.getLogger(__name__)
 
+CAN_ERR_FLAG = 0x20000000
 CAN_ERR_BUSOFF = 0x40
 CAN_ERR_RESTARTED = 0x100
 RECV_TIMEOUT_S = 0.5
+# Bus time between two looks at the bus as a whole (ignition, requests, timeouts, flushing).
+ALIVE_EVERY_S = 0.25
 # After a bus-off with no frame since, the interface is reopened this long later (the kernel's
 # own restart, `RestartSec=` in systemd-networkd, normally brings it back first).
 BUS_OFF_REOPEN_S = 5.0
@@ -71,13 +75,48 @@ class _Special:
 
 
 class _Ignored:
-    __slots__ = ("due",)
+    """Frames of PGNs nobody asked for: counted, nothing else."""
 
-    def __init__(self) -> None:
-        self.due = float("inf")
+    __slots__ = ()
 
 
 IGNORED = _Ignored()
+
+
+def _capture(path: Path) -> Iterator[can.Message]:
+    """Frames of a capture file, with the capture's own times.
+
+    candump logs are read here: python-can's reader drops the class of error frames (a
+    bus-off becomes an ordinary frame with id 0x40). Everything else goes through
+    can.LogReader (.asc with absolute times, .blf, .csv, .trc…)."""
+    if path.suffix != ".log":
+        kwargs = {"relative_timestamp": False} if path.suffix == ".asc" else {}
+        yield from can.LogReader(str(path), **kwargs)
+        return
+    with open(path, encoding="ascii", errors="replace") as f:
+        for line in f:
+            msg = _candump_line(line)
+            if msg is not None:
+                yield msg
+
+
+def _candump_line(line: str) -> can.Message | None:
+    """``(1700000000.123456) can0 0CF00400#FF7D…`` → a Message; None for what is not a frame."""
+    try:
+        stamp, _channel, frame = line.split()[:3]
+        ident, _, data = frame.partition("#")
+        can_id = int(ident, 16)
+        ts = float(stamp.strip("()"))
+        if data[:1].lower() == "r":
+            return can.Message(timestamp=ts, arbitration_id=can_id & 0x1FFFFFFF,
+                               is_extended_id=len(ident) > 3, is_remote_frame=True)
+        payload = bytes.fromhex(data)
+    except ValueError:
+        return None
+    if can_id & CAN_ERR_FLAG:
+        return can.Message(timestamp=ts, arbitration_id=can_id & 0x1FFFFFFF, is_error_frame=True,
+                           data=payload, is_extended_id=False)
+    return can.Message(timestamp=ts, arbitration_id=can_id, is_extended_id=len(ident) > 3, data=payload)
 
 
 class CanBus(Driver):
@@ -89,6 +128,7 @@ class CanBus(Driver):
         self._bus_factory = bus_factory or self._open_bus
         self._dbc = dbc.load(config.dbc)  # check() has reported a bad file before we get here
         self._handlers: dict[int, Any] = {}
+        self._by_group: dict[tuple[int, int, int], Any] = {}
         self.tp = TransportReassembler()
         self.dtcs = DtcTracker()
         self.vin: str | None = None
@@ -189,7 +229,7 @@ class CanBus(Driver):
         speed = self.config.replay_speed
         self.connected = True
         start: tuple[float, float] | None = None
-        for msg in can.LogReader(str(self.config.replay)):
+        for msg in _capture(self.config.replay):
             if stop.is_set():
                 return
             if speed > 0:
@@ -205,27 +245,28 @@ class CanBus(Driver):
     def _loop(self, frames: Iterator[can.Message | None], stop: threading.Event, bus: can.BusABC | None = None) -> None:
         get = self._handlers.get
         counters = self.counters
+        seen = float("-inf")  # bus time of the last _alive(): every frame is a sign of life
         for msg in frames:
             if msg is None:
                 self._idle(bus)
                 continue
             counters["frames"] += 1
             ts = msg.timestamp
+            if ts - seen > ALIVE_EVERY_S or ts < seen:
+                seen = ts
+                self._alive(ts, bus)
             h = get(msg.arbitration_id)
             if h is None:
                 h = self._classify(msg)
                 if h is None:
                     continue
-            if ts < h.due:
-                continue
-            if h.__class__ is _Decoded:
-                self._sample(h, msg, ts)
-            else:
-                self._special(h, msg, ts)
-            if self._group_ts is not None and ts - self._group_ts >= GROUP_S:
-                self._flush()
-            if self._last_frame_ts is None or ts - self._last_frame_ts > 0.25:
-                self._alive(ts, bus)
+            if h is IGNORED:
+                counters["unknown_frames"] += 1
+            elif ts >= h.due:
+                if h.__class__ is _Decoded:
+                    self._sample(h, msg, ts)
+                else:
+                    self._special(h, msg, ts)
 
     def _classify(self, msg: can.Message) -> Any:
         """First frame of an identifier: what to do with it from now on (cached)."""
@@ -237,22 +278,33 @@ class CanBus(Driver):
             return None
         jid = parse_id(msg.arbitration_id)
         pgn = jid.pgn
-        h: Any
-        if pgn in (TP_CM_PGN, TP_DT_PGN, DM1_PGN, VIN_PGN):
-            h = _Special("tp" if pgn in (TP_CM_PGN, TP_DT_PGN) else "msg", pgn, jid.sa, jid.da)
-        elif (m := self._dbc.get(pgn)) is not None:
-            h = _Decoded(jid.sa, m.decode, [self._param(s.name, s.spn, s.unit, s.deadband) for s in m.signals])
-        elif (signals := spn.BY_PGN.get(pgn)) is not None:
-            wanted = [s for s in signals if self._enabled(s.name)]
-            h = _Decoded(jid.sa, lambda data, ss=tuple(wanted): [s.decode(data) for s in ss],
-                         [self._param(s.name, s.spn, s.unit, s.deadband) for s in wanted]) if wanted else IGNORED
-        else:
-            h = IGNORED
-        if h is IGNORED:
-            self.counters["unknown_frames"] += 1
+        # One handler per PGN, source and destination: the same group sent at another priority
+        # must not get samplers of its own (and send every value twice).
+        key = (pgn, jid.sa, jid.da)
+        h = self._by_group.get(key)
+        if h is None:
+            h = self._by_group[key] = self._handler(pgn, jid.sa, jid.da)
         if msg.arbitration_id >= 0x800:  # lower ids may also be 11-bit or error frames: never cached
             self._handlers[msg.arbitration_id] = h
         return h
+
+    def _handler(self, pgn: int, sa: int, da: int) -> Any:
+        if pgn in (TP_CM_PGN, TP_DT_PGN, DM1_PGN, VIN_PGN):
+            return _Special("tp" if pgn in (TP_CM_PGN, TP_DT_PGN) else "msg", pgn, sa, da)
+        if (m := self._dbc.get(pgn)) is not None:
+            wanted = [i for i, s in enumerate(m.signals) if self._enabled(s.name)]
+            if not wanted:
+                return IGNORED
+            decode = m.decode if len(wanted) == len(m.signals) else (
+                lambda data, idx=tuple(wanted): [v for i, v in enumerate(m.decode(data)) if i in idx])
+            params = [self._param(m.signals[i].name, m.signals[i].spn, m.signals[i].unit, m.signals[i].deadband)
+                      for i in wanted]
+            return _Decoded(sa, decode, params)
+        signals = [s for s in spn.BY_PGN.get(pgn, ()) if self._enabled(s.name)]
+        if not signals:
+            return IGNORED
+        return _Decoded(sa, lambda data, ss=tuple(signals): [s.decode(data) for s in ss],
+                        [self._param(s.name, s.spn, s.unit, s.deadband) for s in signals])
 
     def _enabled(self, name: str) -> bool:
         c = self.config.signals.get(name)
@@ -277,6 +329,8 @@ class CanBus(Driver):
         h.due = due
 
     def _add_value(self, ts: float, value: dict[str, Any]) -> None:
+        if self._group_ts is not None and (ts - self._group_ts >= GROUP_S or ts < self._group_ts):
+            self._flush()  # a reading holds one second of bus time, stamped with its start
         if self._group_ts is None:
             self._group_ts = ts
         self._group.append(value)
@@ -332,6 +386,9 @@ class CanBus(Driver):
             self._set_ignition(False, last)  # a replayed capture: the bus fell silent in between
         self._last_frame_ts = ts
         self._last_frame_mono = time.monotonic()
+        self._bus_off_at = None  # frames flow: whatever bus-off there was is over
+        if self._group_ts is not None and ts - self._group_ts >= GROUP_S:
+            self._flush()
         if self.config.ignition and self.ignition is not True:
             self._set_ignition(True, ts)
         self.tp.expire(ts)

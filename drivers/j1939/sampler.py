@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# A signal whose value did not move is looked at again this much later, not on every frame.
-RECHECK_S = 1.0
+# A signal whose value did not move is looked at again this much later, not on every frame
+# (a little under a second, so a 1 Hz parameter arriving a hair early is not skipped).
+RECHECK_S = 0.9
 
 
 @dataclass(slots=True)
