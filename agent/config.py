@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
+from agent.cargo_config import NAME, ChainConfig, GeofenceConfig, SealConfig, TemperatureConfig
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -266,6 +267,10 @@ class Config(Section):
     gps: GpsConfig | None = None
     can: CanConfig | None = None
     ignition: IgnitionConfig | None = None
+    seals: list[SealConfig] = []
+    temperature: list[TemperatureConfig] = []
+    geofences: list[GeofenceConfig] = []
+    chain: ChainConfig = ChainConfig()
     reporting: ReportingConfig = ReportingConfig()
     health: HealthConfig = HealthConfig()
     time: TimeConfig = TimeConfig()
@@ -275,10 +280,20 @@ class Config(Section):
     def client_id(self) -> str:
         return self.mqtt.client_id or self.device.id
 
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        for kind in ("seals", "temperature", "geofences"):
+            names = [x.name for x in getattr(self, kind)]
+            if dup := sorted({n for n in names if names.count(n) > 1}):
+                raise ValueError(f"[[{kind}]] names must be unique; repeated: {', '.join(dup)}")
+        return self
+
     @property
     def sources(self) -> list[str]:
         """The configured source sections, for messages to a technician."""
-        return [name for name in SOURCE_SECTIONS if getattr(self, name) is not None]
+        names = [name for name in SOURCE_SECTIONS if getattr(self, name) is not None]
+        names += [f"{kind}:{s.name}" for kind in ("seals", "temperature") for s in getattr(self, kind)]
+        return names
 
     def topic(self, stream: str) -> str:
         return f"{self.mqtt.topic_prefix}/{self.device.id}/{stream}"
@@ -302,7 +317,7 @@ def parse(raw: dict[str, Any], path: Path | str = "<config>") -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(path, [_describe(err) for err in e.errors()]) from None
+        raise ConfigError(path, [_describe(err, raw) for err in e.errors()]) from None
     return _resolve_paths(cfg, Path(path).resolve().parent)
 
 
@@ -329,69 +344,103 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
             mqtt_updates["tls"] = cfg.mqtt.tls.model_copy(update=tls)
     if mqtt_updates:
         updates["mqtt"] = cfg.mqtt.model_copy(update=mqtt_updates)
+    if (r := rel(cfg.chain.hmac_key_file)):
+        updates["chain"] = cfg.chain.model_copy(update={"hmac_key_file": r})
     return cfg.model_copy(update=updates) if updates else cfg
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
     """One validation error as ``[section] key: problem`` with what is allowed."""
-    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    where, model, key = _locate(list(err["loc"]), raw)
     kind = err["type"]
-    where = _where(loc)
     if kind == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        return f"{where}: unknown key; " + _allowed(model, loc[:-1])
+        return f"{where}: unknown key; " + _allowed(model)
     if kind == "missing":
-        what = "section" if _model_at(loc) is not None else "key"
-        return f"{where}: required {what} is missing"
-    msg = err["msg"]
-    if kind == "value_error":
-        msg = msg.removeprefix("Value error, ")
+        return f"{where}: required {'key' if key else 'section'} is missing"
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return f"{where}: driver must be one of {err.get('ctx', {}).get('expected_tags', '?')}"
+    msg = err["msg"].removeprefix("Value error, ")
     given = err.get("input")
-    if kind not in ("missing",) and not isinstance(given, dict):
-        msg += f" (got {given!r})"
     if kind == "string_pattern_mismatch":
-        msg = (
-            f"must be letters, digits, '.', '_' or '-' (no spaces, '/', '+' or '#'); got {given!r}"
-        )
+        pattern = err.get("ctx", {}).get("pattern")
+        if pattern in (TOPIC_SAFE, NAME):
+            msg = "must be letters, digits, '.', '_' or '-' (no spaces, '/', '+' or '#')"
+        else:
+            msg = f"does not have the expected form ({pattern})"
+    if not isinstance(given, (dict, list)):
+        msg += f" (got {given!r})"
     return f"{where}: {msg}"
 
 
-def _where(loc: list[str]) -> str:
-    """``[section]`` for a whole section, ``[section] key`` for a key, ``key`` at top level."""
-    if not loc:
-        return "(top level)"
-    if _model_at(loc) is not None:
-        return f"[{'.'.join(loc)}]"
-    if len(loc) == 1:
-        return loc[0]
-    return f"[{'.'.join(loc[:-1])}] {loc[-1]}"
+def _locate(loc: list[Any], raw: Any) -> tuple[str, type[BaseModel] | None, str | None]:
+    """Walk an error location through the models and the raw TOML together.
 
-
-def _model_at(loc: list[str]) -> type[BaseModel] | None:
+    Returns where it is for a technician (``[mqtt.tls]``, ``[seals #2 (rear_door)] line``,
+    ``[can.signals.engine_speed] deadband``), the model there, and the key if it is one.
+    """
+    labels: list[str] = []
     model: type[BaseModel] | None = Config
-    parts = iter(loc)
-    for part in parts:
-        if model is None or part not in model.model_fields:
-            return None
-        annotation = model.model_fields[part].annotation
-        if get_origin(annotation) is dict:  # [can.signals.NAME]: the next part is a key
-            if next(parts, None) is None:
-                return None
-            annotation = get_args(annotation)[1]
-        model = _section_type(annotation)
-    return model
+    node: Any = raw
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        if field is None:
+            key = str(part)
+            return (f"[{'.'.join(labels)}] {key}" if labels else key), model, key
+        node = node.get(part) if isinstance(node, dict) else None
+        annotation = field.annotation
+        origin = get_origin(annotation)
+        i += 1
+        if origin is list and i < len(loc) and isinstance(loc[i], int):
+            index = loc[i]
+            item = node[index] if isinstance(node, list) and index < len(node) else None
+            name = item.get("name") if isinstance(item, dict) else None
+            labels.append(f"{part} #{index + 1}" + (f" ({name})" if name else ""))
+            i += 1
+            members = _section_types(get_args(annotation)[0])
+            if len(members) > 1 and i < len(loc) and isinstance(loc[i], str) and loc[i] not in members[0].model_fields:
+                i += 1  # the discriminator's tag, e.g. 'gpio'
+                tag = item.get("driver") if isinstance(item, dict) else None
+                model = next((m for m in members if _tag(m) == tag), members[0])
+            else:
+                model = members[0] if members else None
+            node = item
+        elif origin is dict and i < len(loc):  # [can.signals.NAME]: the next part is a key
+            labels.append(f"{part}.{loc[i]}")
+            node = node.get(loc[i]) if isinstance(node, dict) else None
+            i += 1
+            model = _section_type(get_args(annotation)[1])
+        else:
+            sub = _section_type(annotation)
+            if sub is None:
+                return (f"[{'.'.join(labels)}] {part}" if labels else part), model, part
+            labels.append(part)
+            model = sub
+    return f"[{'.'.join(labels)}]" if labels else "(top level)", model, None
+
+
+def _tag(model: type[BaseModel]) -> Any:
+    field = model.model_fields.get("driver")
+    args = get_args(field.annotation) if field else ()
+    return args[0] if args else None
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
+    found = _section_types(annotation)
+    return found[0] if found else None
+
+
+def _section_types(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        if (found := _section_type(arg)) is not None:
-            return found
-    return None
+        return [annotation]
+    out: list[type[BaseModel]] = []
+    for arg in get_args(annotation):
+        out += _section_types(arg)
+    return out
 
 
-def _allowed(model: type[BaseModel] | None, loc: Any) -> str:
+def _allowed(model: type[BaseModel] | None) -> str:
     if model is None:
         return "no keys are allowed here"
     return "allowed: " + ", ".join(model.model_fields)
