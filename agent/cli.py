@@ -46,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_cmd_status)
 
+    verify = sub.add_parser("verify-chain", help="prove a file of received seal/alarm events is complete and unaltered")
+    verify.add_argument("file", type=Path, help="received events: JSON lines (readings, batches, or topic/payload lines)")
+    verify.add_argument("--key-file", type=Path, help="the device's HMAC key: also check every event's HMAC")
+    verify.add_argument("--partial", action="store_true", help="the file starts mid-chain (do not require chain_seq 1)")
+    verify.set_defaults(func=_cmd_verify)
+
     demo = sub.add_parser("demo", help="replay the bundled Chongqing -> Hanoi trip against a private mosquitto")
     demo.add_argument("--speed", type=float, default=1000.0, help="replay speed (default 1000x real time)")
     demo.add_argument("--workdir", type=Path, help="keep the broker and store here (default: a temp folder)")
@@ -83,10 +89,16 @@ def source_problems(cfg: config_mod.Config) -> list[str]:
     """What each configured source's driver finds wrong with its section."""
     from agent.runner import driver_for
 
+    from agent.chain import read_key
+
     problems = []
     for name in cfg.sources:
         cls, section = driver_for(cfg, name)
         problems += cls.check(section)
+    try:
+        read_key(cfg.chain.hmac_key_file)
+    except (OSError, ValueError) as e:
+        problems.append(f"[chain] hmac_key_file: {e}")
     return problems
 
 
@@ -113,6 +125,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
     s = collect(cfg.store.path)
     print(json.dumps(s, indent=2) if args.json else render(s))
     return 0 if "error" not in s else 1
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from agent.chain import read_key
+    from agent.verify import render, verify_file
+
+    try:
+        key = read_key(args.key_file)
+        reports = verify_file(args.file, key, args.partial)
+    except (OSError, ValueError) as e:
+        print(f"verify-chain: {e}", file=sys.stderr)
+        return 2
+    print(render(reports))
+    return 0 if reports and all(r.ok for r in reports) else 1
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

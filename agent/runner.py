@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.backoff import backoff_delay
+from agent.chain import Chain, read_key
 from agent.clock import TimeKeeper
 from agent.config import Config
 from agent.health import health_reading
@@ -31,23 +32,30 @@ STATE_KEY = "status"
 TICK_S = 1.0
 
 
-def driver_for(config: Config, section: str) -> tuple[type[Driver], Any]:
-    """The driver class a configured source section selects, and that section."""
-    cfg = getattr(config, section)
+def driver_for(config: Config, source: str) -> tuple[type[Driver], Any]:
+    """The driver class a configured source selects, and its section (``Config.sources``
+    names list entries as ``seals:rear_door``)."""
+    kind, _, item = source.partition(":")
+    if item:
+        cfg = next(x for x in getattr(config, kind) if x.name == item)
+        return driver_class("seal" if kind == "seals" else kind, cfg.driver), cfg
+    cfg = getattr(config, kind)
     name = {
         "gps": lambda: "gpsd" if cfg.gpsd else "nmea",
         "can": lambda: cfg.interface,
         "ignition": lambda: cfg.source,
-    }[section]()
-    return driver_class(section, name), cfg
+    }[kind]()
+    return driver_class(kind, name), cfg
 
 
-def build_drivers(config: Config, emit: Any) -> list[Driver]:
-    """One driver per configured source section."""
+def build_drivers(config: Config, emit: Any, clock: TimeKeeper) -> list[Driver]:
+    """One driver per configured source; each may read the agent's trusted clock."""
     drivers = []
-    for section in config.sources:
-        cls, cfg = driver_for(config, section)
-        drivers.append(cls(cfg, emit))
+    for source in config.sources:
+        cls, cfg = driver_for(config, source)
+        driver = cls(cfg, emit)
+        driver.clock = clock
+        drivers.append(driver)
     return drivers
 
 
@@ -68,12 +76,13 @@ class Agent:
             # Never touch the real buffer: a dry run must not consume the real backlog.
             self._tmpdir = tempfile.mkdtemp(prefix="lorry-agent-dry-run-")
             store_path = Path(self._tmpdir) / "buffer.db"
-        self.store = Store(store_path, device=config.device.id, sync_interval_s=config.store.sync_interval_s)
+        self.store = Store(store_path, device=config.device.id, sync_interval_s=config.store.sync_interval_s,
+                           chain=Chain(config.device.id, read_key(config.chain.hmac_key_file)))
         self.uplink: Uplink = ConsoleUplink(config, self.store, out) if dry_run else MqttUplink(config, self.store)
         self.clock = TimeKeeper(trust_system_clock=config.time.trust_system_clock)
         self.pipeline = Pipeline(config, self.store, self.clock)
         self.emit = self.pipeline.emit
-        self.drivers = build_drivers(config, self.emit)
+        self.drivers = build_drivers(config, self.emit, self.clock)
         self.notifier = Notifier()
         self.started_wall = time.time()
         self.started_mono = time.monotonic()

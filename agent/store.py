@@ -31,6 +31,7 @@ from typing import Any
 
 import sqlite_utils
 
+from agent.chain import CHAINED_STREAMS, Chain
 from agent.reading import Reading, encode_parts, resolved_body
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ class StoreError(Exception):
 class Store:
     """The SQLite buffer. ``append`` and ``ack`` may be called from any thread."""
 
-    def __init__(self, path: Path | str, *, device: str, sync_interval_s: float = 1.0):
+    def __init__(self, path: Path | str, *, device: str, sync_interval_s: float = 1.0,
+                 chain: Chain | None = None):
         self.path = Path(path)
         self.device = device
         self.sync_interval_s = sync_interval_s
@@ -105,6 +107,13 @@ class Store:
         self._thread: threading.Thread | None = None
         self.held = self._wdb.execute("SELECT COUNT(*) FROM readings WHERE held = 1").fetchone()[0]
         """Readings whose time is not known yet: stored, not sent."""
+        self.chain = chain
+        """Links seal and alarm events as they are committed (agent/chain.py)."""
+        if chain is not None:
+            saved = dict(self._wdb.execute(
+                "SELECT key, value FROM state WHERE key IN ('chain_seq', 'chain_hash')").fetchall())
+            if saved:
+                chain.restore(int(saved["chain_seq"]), saved["chain_hash"])
         self.release_gen = 0
         self.releases: list[tuple[int, str, int]] = []
         """(generation, stream, lowest id) of recent releases: the outbox pages back to them."""
@@ -284,11 +293,16 @@ class Store:
         rows = conn.execute(
             "SELECT id, stream, mono_ns, boot_id, wall_ms, body FROM readings WHERE held = 1 ORDER BY id"
         ).fetchall()
+        chain = self.chain
+        chain_before = chain.state() if chain is not None else None
         updates = []
         for rid, stream, mono, boot, wall, body in rows:
             got = resolve(mono, boot, wall)
             if got is not None:
-                updates.append((got[0], resolved_body(body, got[0], got[1]), rid, stream))
+                body = resolved_body(body, got[0], got[1])
+                if chain is not None and stream in CHAINED_STREAMS:
+                    body = chain.link(body)
+                updates.append((got[0], body, rid, stream))
         if not updates:
             return
         try:
@@ -298,8 +312,13 @@ class Store:
             conn.executemany(
                 "UPDATE readings SET ts = ?, body = ?, held = 0 WHERE id = ?", [u[:3] for u in updates]
             )
+            if chain is not None and chain.state() != chain_before:
+                conn.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                                 [("chain_seq", str(chain.seq)), ("chain_hash", chain.last)])
             conn.execute("COMMIT")
         except sqlite3.Error as e:
+            if chain is not None and chain_before is not None:
+                chain.restore(*chain_before)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self.commit_errors += 1
@@ -323,13 +342,18 @@ class Store:
         seq = dict(self._seq)
         rows = []
         held = 0
+        chain = self.chain
+        chain_before = chain.state() if chain is not None else None
         for stream, ts, head, tail, _urgent, hold in batch:
             n = seq.get(stream, 0) + 1
             seq[stream] = n
+            body = f"{head}{n}{tail}"
             if hold is None:
-                rows.append((stream, n, ts, f"{head}{n}{tail}", 0, None, None, None))
+                if chain is not None and stream in CHAINED_STREAMS:
+                    body = chain.link(body)
+                rows.append((stream, n, ts, body, 0, None, None, None))
             else:
-                rows.append((stream, n, ts, f"{head}{n}{tail}", 1, *hold))
+                rows.append((stream, n, ts, body, 1, *hold))  # chained once its time is known
                 held += 1
         state = list(self._state.items()) if self._state_dirty_since is not None else []
         try:
@@ -351,6 +375,8 @@ class Store:
                     )
                 if acked:
                     conn.executemany("DELETE FROM readings WHERE id BETWEEN ? AND ?", _ranges(acked))
+                if chain is not None and chain.state() != chain_before:
+                    state += [("chain_seq", str(chain.seq)), ("chain_hash", chain.last)]
                 if durable:
                     # Something must be written for the FULL commit to sync the WAL.
                     state.append(("durable_at", f"{time.time():.3f}"))
@@ -375,6 +401,8 @@ class Store:
                 conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
+            if chain is not None and chain_before is not None:
+                chain.restore(*chain_before)  # nothing of this batch exists: nor do its links
             self.commit_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             log.error("store commit failed (%s); %d readings held in memory", e, len(rows))

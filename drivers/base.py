@@ -28,6 +28,8 @@ class Driver(ABC):
     def __init__(self, config: Any, emit: Emit):
         self.config = config
         self.emit = emit
+        self.clock: Any = None
+        """The agent's trusted clock (agent/clock.py TimeKeeper), set before run()."""
 
     @abstractmethod
     def run(self, stop: threading.Event) -> None: ...
