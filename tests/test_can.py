@@ -619,5 +619,8 @@ def test_agent_publishes_can_and_alarm_readings(tmp_path: Path, truck: cl.Truck,
         got = sorted(backend.readings(stream), key=lambda r: r["seq"])
         assert [r["seq"] for r in got] == list(range(1, len(w) + 1)), f"{stream}: seq without gaps, once each"
         assert all(r["device"] == "CQ-HN-0042" and r["stream"] == stream and "ts_trusted" not in r for r in got)
-        body = [(r["ts"], {k: v for k, v in r.items() if k not in ("device", "stream", "seq", "ts")}) for r in got]
+        envelope = ("device", "stream", "seq", "ts", "chain_seq", "prev_hash", "hash", "hmac")
+        body = [(r["ts"], {k: v for k, v in r.items() if k not in envelope}) for r in got]
         assert body == w, f"{stream}: what the driver produced, with the capture's times"
+    alarms = sorted(backend.readings("alarm"), key=lambda r: r["chain_seq"])
+    assert [a["chain_seq"] for a in alarms] == list(range(1, len(alarms) + 1)), "alarms are chained"
