@@ -1,8 +1,10 @@
 """What happens to a reading between its driver and the store.
 
-Positions: GPS time feeds the time keeper; fix quality filter; reporting policy. Every other
-reading without a time is stamped from the time keeper, or held in the store (time pending)
-until a trusted time is known. Called from driver threads.
+Positions: GPS time feeds the time keeper; fix quality filter; geofences; reporting policy.
+Every other reading without a time is stamped from the time keeper, or held in the store
+(time pending) until a trusted time is known. Seal events get the last known position and the
+zones the lorry is in, are made durable before anything else happens, then raise their
+alarm; temperatures feed the cold-chain watch. Called from driver threads.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import logging
 import threading
 from typing import Any
 
+from agent.alarms import TemperatureWatch, alarm, seal_alarm
 from agent.clock import TimeKeeper, boot_id
 from agent.config import Config
 from agent.fixfilter import FixFilter
+from agent.geofence import Geofences
 from agent.policy import ReportingPolicy
 from agent.reading import Reading, iso_ms
 from agent.store import Store
@@ -34,24 +38,61 @@ class Pipeline:
         """The last good fix (reported or not): where the lorry is."""
         self.rejected = 0
         self._position_lock = threading.Lock()
+        self.geofences = Geofences(list(config.geofences))
+        self.watches = {t.name: TemperatureWatch(t.name, t, t.interval_s) for t in config.temperature}
+        self._alarm_lock = threading.Lock()
 
     def emit(self, reading: Reading) -> None:
-        if reading.stream == "position":
+        stream = reading.stream
+        if stream == "position":
             with self._position_lock:
                 out = self._position(reading)
-        elif reading.stream == "ignition":
-            self.set_ignition(bool(reading.data.get("on")))
-            out = [self._stamp(reading) if reading.ts_ms is None else reading]
-        elif reading.ts_ms is None:
-            out = [self._stamp(reading)]
+            self._store(out)
+            return
+        if reading.ts_ms is None:
+            reading = self._stamp(reading)
+        if stream == "seal":
+            self._seal(reading)
+        elif stream == "temperature":
+            self._store([reading])
+            watch = self.watches.get(reading.data.get("sensor", ""))
+            if watch is not None:
+                with self._alarm_lock:
+                    found = watch.update(reading)
+                self._alarms(reading, found)
         else:
-            out = [reading]
-        for r in out:
+            if stream == "ignition":
+                self.set_ignition(bool(reading.data.get("on")))
+            self._store([reading])
+
+    def _store(self, readings: list[Reading]) -> None:
+        for r in readings:
             try:
                 self.store.append(r)
             except (ValueError, TypeError) as e:
                 self.rejected += 1
                 log.error("reading rejected (%s): %r", e, r)
+
+    def _seal(self, reading: Reading) -> None:
+        """Where and whether authorised, made durable, then the alarm."""
+        fix = self.last_fix
+        position = None
+        if fix is not None and fix.ts_ms is not None:
+            age = None if reading.ts_ms is None else round(max(0, reading.ts_ms - fix.ts_ms) / 1000)
+            position = {"lat": fix.data["lat"], "lon": fix.data["lon"], "ts": iso_ms(fix.ts_ms), "age_s": age}
+        with self._position_lock:
+            zones = self.geofences.inside
+            authorised = self.geofences.seal_opening_authorised()
+        data = {**reading.data, "position": position, "zones": zones, "authorised": authorised}
+        reading = dataclasses.replace(reading, data=data, urgent=True)
+        self._store([reading])
+        self.store.flush()  # on disk before anything else happens
+        found = seal_alarm(data)
+        self._alarms(reading, [found] if found else [])
+
+    def _alarms(self, cause: Reading, found: list[dict[str, Any]]) -> None:
+        for data in found:
+            self.emit(alarm(cause.ts_ms, cause.meta.get("mono_ns"), data, bool(cause.meta.get("replay"))))
 
     def set_ignition(self, on: bool | None) -> None:
         with self._position_lock:
@@ -67,8 +108,13 @@ class Pipeline:
         ):
             return []
         self.last_fix = reading
+        out = [
+            alarm(reading.ts_ms, None, {"kind": "geofence", "state": e.kind, "zone": e.zone, "zone_kind": e.zone_kind,
+                                        "seal_opening": e.seal_opening, "lat": reading.data["lat"],
+                                        "lon": reading.data["lon"]}, True)
+            for e in self.geofences.update(reading.ts_ms, reading.data["lat"], reading.data["lon"])
+        ]
         decision = self.policy.decide(reading.ts_ms, reading.data)
-        out = []
         if decision.corner is not None:
             out.append(Reading("position", *decision.corner))
         if decision.report:
@@ -99,6 +145,7 @@ class Pipeline:
     def status(self) -> dict[str, Any]:
         fix = self.last_fix
         return {
+            "zones": self.geofences.inside,
             "last_fix": None if fix is None else {"ts": iso_ms(fix.ts_ms or 0), **fix.data},
             "rejected_readings": self.rejected,
             "reporting": {
