@@ -36,6 +36,12 @@ def health_reading(*, started_mono: float, clock: TimeKeeper, drivers: list[Driv
         data.setdefault("gps", {})["sats_used"] = fix.get("sats")
         data["gps"]["hdop"] = fix.get("hdop")
     data["reporting"] = pipeline_status["reporting"]["state"]
+    if pipeline_status.get("zones"):
+        data["zones"] = list(pipeline_status["zones"])
+    if pipeline_status.get("seals"):
+        data["seals"] = pipeline_status["seals"]
+    if pipeline_status.get("sensors"):
+        data["sensors"] = pipeline_status["sensors"]
     data["buffer"] = {"pending": pending, "time_pending": time_pending}
     err = clock.system_clock_error_s()
     data["clock"] = {

@@ -9,9 +9,11 @@ alarm; temperatures feed the cold-chain watch. Called from driver threads.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import threading
+from collections import deque
 from typing import Any
 
 from agent.alarms import TemperatureWatch, alarm, seal_alarm
@@ -24,6 +26,10 @@ from agent.reading import Reading, iso_ms
 from agent.store import Store
 
 log = logging.getLogger(__name__)
+
+# Good fixes kept to place a seal event where the lorry was *when it happened* (a scripted or
+# slow source may report it a little after newer fixes arrived).
+TRACK_KEPT = 3600
 
 
 class Pipeline:
@@ -39,6 +45,9 @@ class Pipeline:
         self.rejected = 0
         self._position_lock = threading.Lock()
         self.geofences = Geofences(list(config.geofences))
+        self._track: deque[tuple[int, float, float]] = deque(maxlen=TRACK_KEPT)
+        self.seal_states: dict[str, str] = {}
+        self.sensor_values: dict[str, dict[str, Any]] = {}
         self.watches = {t.name: TemperatureWatch(t.name, t, t.interval_s) for t in config.temperature}
         self._alarm_lock = threading.Lock()
 
@@ -54,6 +63,8 @@ class Pipeline:
         if stream == "seal":
             self._seal(reading)
         elif stream == "temperature":
+            self.sensor_values[str(reading.data.get("sensor"))] = {
+                "c": reading.data.get("c"), "error": reading.data.get("error")}
             self._store([reading])
             watch = self.watches.get(reading.data.get("sensor", ""))
             if watch is not None:
@@ -75,20 +86,38 @@ class Pipeline:
 
     def _seal(self, reading: Reading) -> None:
         """Where and whether authorised, made durable, then the alarm."""
-        fix = self.last_fix
-        position = None
-        if fix is not None and fix.ts_ms is not None:
-            age = None if reading.ts_ms is None else round(max(0, reading.ts_ms - fix.ts_ms) / 1000)
-            position = {"lat": fix.data["lat"], "lon": fix.data["lon"], "ts": iso_ms(fix.ts_ms), "age_s": age}
         with self._position_lock:
+            position = self._position_at(reading.ts_ms)
             zones = self.geofences.inside
             authorised = self.geofences.seal_opening_authorised()
+            if position is not None and reading.ts_ms is not None and self.last_fix is not None \
+                    and (self.last_fix.ts_ms or 0) > reading.ts_ms + 1000:
+                # Newer fixes already moved the zones on: judge the zones where it happened.
+                zones, authorised = self._zones_at(position["lat"], position["lon"])
+        self.seal_states[str(reading.data.get("seal"))] = str(reading.data.get("event"))
         data = {**reading.data, "position": position, "zones": zones, "authorised": authorised}
         reading = dataclasses.replace(reading, data=data, urgent=True)
         self._store([reading])
         self.store.flush()  # on disk before anything else happens
         found = seal_alarm(data)
         self._alarms(reading, [found] if found else [])
+
+    def _position_at(self, ts_ms: int | None) -> dict[str, Any] | None:
+        """The last good fix at or before ``ts_ms`` (the first after, if none), and its age."""
+        track = self._track
+        if not track:
+            return None
+        if ts_ms is None:
+            t, lat, lon = track[-1]
+        else:
+            i = bisect.bisect_right(track, (ts_ms, float("inf"), float("inf")))
+            t, lat, lon = track[i - 1] if i else track[0]
+        age = None if ts_ms is None else round((ts_ms - t) / 1000)
+        return {"lat": lat, "lon": lon, "ts": iso_ms(t), "age_s": age}
+
+    def _zones_at(self, lat: float, lon: float) -> tuple[list[str], bool]:
+        inside = [z for z in self.geofences.zones if z.contains(lat, lon)]
+        return [z.name for z in inside], any(z.seal_opening == "authorised" for z in inside)
 
     def _alarms(self, cause: Reading, found: list[dict[str, Any]]) -> None:
         for data in found:
@@ -108,6 +137,11 @@ class Pipeline:
         ):
             return []
         self.last_fix = reading
+        if not self._track or reading.ts_ms > self._track[-1][0]:
+            self._track.append((reading.ts_ms, reading.data["lat"], reading.data["lon"]))
+        elif reading.ts_ms < self._track[-1][0]:
+            self._track.clear()  # GPS time went back (a receiver reset, another replay)
+            self._track.append((reading.ts_ms, reading.data["lat"], reading.data["lon"]))
         out = [
             alarm(reading.ts_ms, None, {"kind": "geofence", "state": e.kind, "zone": e.zone, "zone_kind": e.zone_kind,
                                         "seal_opening": e.seal_opening, "lat": reading.data["lat"],
@@ -146,6 +180,8 @@ class Pipeline:
         fix = self.last_fix
         return {
             "zones": self.geofences.inside,
+            "seals": dict(self.seal_states),
+            "sensors": dict(self.sensor_values),
             "last_fix": None if fix is None else {"ts": iso_ms(fix.ts_ms or 0), **fix.data},
             "rejected_readings": self.rejected,
             "reporting": {

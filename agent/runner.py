@@ -160,7 +160,8 @@ class Agent:
         return self.uplink.alive and self.store.writer_alive
 
     def _sources_done(self) -> bool:
-        return all(d.finite for d in self.drivers) and len(self._finished) == len(self.drivers)
+        """Every replayed source has ended (live and simulated ones run alongside them)."""
+        return all(i in self._finished for i, d in enumerate(self.drivers) if d.finite)
 
     def _drained(self) -> bool:
         return self._sources_done() and self.store.pending() == 0
@@ -197,7 +198,7 @@ class Agent:
                 "system_error_s": None if err is None else round(err, 3),
             },
             "uplink": self.uplink.status(),
-            "drivers": {d.kind: d.status() for d in self.drivers},
+            "drivers": {source: d.status() for source, d in zip(self.config.sources, self.drivers)},
             "store": {
                 "commits": self.store.commits,
                 "durable_commits": self.store.durable_commits,

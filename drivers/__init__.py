@@ -20,6 +20,15 @@ REGISTRY: dict[str, dict[str, str]] = {
         "virtual": "drivers.can:CanBus",
         "replay": "drivers.can:CanBus",
     },
+    "seal": {
+        "gpio": "drivers.seal_gpio:GpioSeal",
+        "serial": "drivers.seal_serial:SerialSeal",
+        "sim": "drivers.seal_sim:SimSeal",
+    },
+    "temperature": {
+        "ds18b20": "drivers.temp_ds18b20:Ds18b20",
+        "sim": "drivers.temp_sim:SimTemperature",
+    },
     "ignition": {
         "gpio": "drivers.ignition:GpioIgnition",
     },

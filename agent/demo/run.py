@@ -25,6 +25,7 @@ from agent.demo import trip
 from agent.geo import haversine_m
 from agent.localbroker import Mosquitto
 from agent.runner import Agent
+from agent.verify import render, verify
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.toml"
 # The dead zone: from the mountains south of Duyun until Hechi.
@@ -34,6 +35,29 @@ OUTAGE_FROM, OUTAGE_TO = "Dushan", "Hechi"
 def place_near(lat: float, lon: float) -> str:
     name, *_ = min(trip.ROUTE, key=lambda w: haversine_m(lat, lon, w[1], w[2]))
     return name
+
+
+def describe_event(r: dict[str, Any]) -> str | None:
+    """One line for what customs, the shipper or dispatch would look at."""
+    when = f"{r['ts'][5:10]} {r['ts'][11:16]}Z"
+    if r["stream"] == "seal":
+        where = ", ".join(r.get("zones") or []) or "no authorised zone"
+        pos = r.get("position") or {}
+        return (f"backend <- SEAL {r['seal']} {r['event'].upper()} at {when} "
+                f"({pos.get('lat', '?')}, {pos.get('lon', '?')}; {where})")
+    if r["stream"] != "alarm":
+        return None
+    kind = r.get("kind")
+    if kind in ("seal_opened", "seal_cut"):
+        verdict = "authorised" if r.get("authorised") else "NOT AUTHORISED"
+        return f"backend <- ALARM [{r.get('severity')}] {kind} {r.get('seal')} at {when}: {verdict}"
+    if kind == "temperature":
+        extra = f", {r['duration_s'] // 60} min, peak {r.get('extreme_c')} C" if r["state"] == "cleared" else \
+            f" ({r['c']} C above {r['limit_c']} C for {r['duration_s'] // 60} min)"
+        return f"backend <- ALARM cold chain {r['sensor']} excursion {r['state']} at {when}{extra}"
+    if kind == "geofence":
+        return f"backend <- {r['state']} zone '{r['zone']}' ({r['zone_kind']}) at {when}"
+    return f"backend <- ALARM {kind} {r.get('state')} at {when}"
 
 
 @dataclass
@@ -48,6 +72,7 @@ class DemoBackend:
     messages: int = 0
     bytes: int = 0
     last: dict[str, Any] | None = None
+    chained: list[dict[str, Any]] = field(default_factory=list)
     _pending: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -80,9 +105,16 @@ class DemoBackend:
                 if r["seq"] in seen:
                     self.duplicates += 1
                 seen.add(r["seq"])
-            newest = max(readings, key=lambda r: r["seq"])
-            if self.last is None or newest["seq"] >= self.last["seq"]:
-                self.last = newest
+            self.chained += [r for r in readings if "chain_seq" in r]
+            if stream == "position":
+                newest = max(readings, key=lambda r: r["seq"])
+                if self.last is None or newest["seq"] >= self.last["seq"]:
+                    self.last = newest
+        for r in readings:
+            if (line := describe_event(r)) is not None:
+                self._note(line)
+        if stream != "position":
+            return
         if jump:
             r = readings[0]
             self._note(f"backend <- newest {stream} first: seq {r['seq']} ({r['ts'][5:16]}) near "
@@ -169,12 +201,16 @@ def run_demo(*, speed: float = 1000.0, workdir: Path | None = None, out: TextIO)
         backend.stop()
         broker.stop()
     sent = agent.policy.reported
-    received = sum(len(v) for v in backend.seqs.values())
+    positions = len(backend.seqs.get("position", ()))
+    per_stream = ", ".join(f"{len(v)} {k}" for k, v in sorted(backend.seqs.items()))
     gaps = backend.gaps()
-    say(f"\ndemo: {agent.policy.considered} fixes, {sent} reported by the policy, "
-        f"{received} distinct readings at the backend in {backend.messages} messages "
-        f"({backend.bytes / 1024:.0f} KiB), {backend.duplicates} duplicates, "
-        f"missing seq: {sum(gaps.values())}; took {time.monotonic() - started:.0f} s")
-    ok = received == sent and not any(gaps.values())
-    say("demo: OK - the backend has every reading" if ok else "demo: FAILED - readings are missing")
+    say(f"\ndemo: {agent.policy.considered} fixes, {sent} reported by the policy; the backend has "
+        f"{per_stream} in {backend.messages} messages ({backend.bytes / 1024:.0f} KiB), "
+        f"{backend.duplicates} duplicates, missing seq: {sum(gaps.values())}; "
+        f"took {time.monotonic() - started:.0f} s")
+    chain = verify(backend.chained)
+    say("demo: " + render(chain).replace("\n", "\n      "))
+    ok = positions == sent and not any(gaps.values()) and bool(chain) and all(r.ok for r in chain)
+    say("demo: OK - the backend has every reading, and the seal/alarm record is intact" if ok
+        else "demo: FAILED - readings are missing or the record is broken")
     return 0 if ok else 1

@@ -47,7 +47,7 @@ ROUTE: list[tuple[str, float, float, float, float]] = [
     ("Huu Nghi border gate (VN)", 21.9722, 106.7062, 30, 20),
     ("Dong Dang", 21.9416, 106.6943, 50, 0),
     ("Lang Son", 21.8537, 106.7610, 60, 0),
-    ("Chi Lang", 21.6600, 106.6000, 70, 0),
+    ("Chi Lang lay-by (QL1A)", 21.6600, 106.6000, 70, 25),
     ("Bac Giang", 21.2730, 106.1940, 70, 0),
     ("Hanoi, Gia Lam depot", 21.0450, 105.8950, 40, 0),
 ]
