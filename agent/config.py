@@ -92,6 +92,11 @@ class MqttConfig(Section):
 
 class StoreConfig(Section):
     path: Path = Path("/var/lib/lorry-agent/buffer.db")
+    max_mb: Annotated[float, Field(ge=0)] = 256
+    """Past this, old readings are shed (health, CAN, every other position…; never seal
+    events or alarms) and reported as `data_dropped` alarms. 0: no limit."""
+    max_age_days: Annotated[float, Field(ge=0)] = 30
+    """Unsent readings older than this (seal events and alarms excepted) are shed. 0: none."""
     sync_interval_s: Annotated[float, Field(ge=0, le=60)] = 1.0
     """How often buffered readings are made power-cut safe (fsync). Readings are committed
     (crash safe) at once; only durable ones are sent, so a power cut never makes a seq

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.backoff import backoff_delay
+from agent.alarms import alarm
 from agent.chain import Chain, read_key
 from agent.clock import TimeKeeper
 from agent.config import Config
@@ -77,7 +78,9 @@ class Agent:
             self._tmpdir = tempfile.mkdtemp(prefix="lorry-agent-dry-run-")
             store_path = Path(self._tmpdir) / "buffer.db"
         self.store = Store(store_path, device=config.device.id, sync_interval_s=config.store.sync_interval_s,
-                           chain=Chain(config.device.id, read_key(config.chain.hmac_key_file)))
+                           chain=Chain(config.device.id, read_key(config.chain.hmac_key_file)),
+                           max_bytes=int(config.store.max_mb * 1024 * 1024),
+                           max_age_s=config.store.max_age_days * 86400, on_drop=self._dropped)
         self.uplink: Uplink = ConsoleUplink(config, self.store, out) if dry_run else MqttUplink(config, self.store)
         self.clock = TimeKeeper(trust_system_clock=config.time.trust_system_clock)
         self.pipeline = Pipeline(config, self.store, self.clock)
@@ -145,6 +148,15 @@ class Agent:
             self._driver_stop.wait(backoff_delay(attempt, 1, 60))
         self._finished.add(index)
 
+    def _dropped(self, dropped: list[Any]) -> None:
+        """The store gave readings up: say which, so a gap in seq is explained, never silent."""
+        for d in dropped:
+            data = {"kind": "data_dropped", "state": "raised", "stream": d.stream, "count": d.count,
+                    "reason": d.reason}
+            if d.first_seq:
+                data |= {"first_seq": d.first_seq, "last_seq": d.last_seq}
+            self.emit(alarm(None, time.monotonic_ns(), data))
+
     def _maybe_health(self) -> None:
         interval = self.config.health.interval_s
         now = time.monotonic()
@@ -205,6 +217,8 @@ class Agent:
                 "commit_errors": self.store.commit_errors,
                 "last_error": self.store.last_error,
                 "damaged_files": self.store.damaged_files,
+                "dropped": dict(self.store.dropped),
+                "disk_full_errors": self.store.full_errors,
                 "time_pending": self.store.held,
             },
         }

@@ -24,6 +24,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 
 import sqlite_utils
 
+from agent import retention
 from agent.chain import CHAINED_STREAMS, Chain
 from agent.reading import Reading, encode_parts, resolved_body
 
@@ -48,7 +50,18 @@ _ACK_BATCH = 2000
 _STATE_INTERVAL_S = 30.0
 _IDLE_S = 5.0
 _MAX_BATCH = 20_000
+# Readings held in memory while the store cannot be written (disk full, failing card).
+_MAX_PENDING = 50_000
+_MAINTENANCE_S = 10.0
+# On a full disk: shed down to this share of what the data uses now, then commit in chunks.
+_EMERGENCY_KEEP = 0.7
+_FULL_CHUNK = 500
 _STOP = object()
+
+
+@dataclass(slots=True, frozen=True)
+class _Maintain:
+    done: threading.Event
 
 
 @dataclass(slots=True, frozen=True)
@@ -73,7 +86,8 @@ class Store:
     """The SQLite buffer. ``append`` and ``ack`` may be called from any thread."""
 
     def __init__(self, path: Path | str, *, device: str, sync_interval_s: float = 1.0,
-                 chain: Chain | None = None):
+                 chain: Chain | None = None, max_bytes: int = 0, max_age_s: float = 0,
+                 on_drop: Callable[[list[retention.Dropped]], None] | None = None):
         self.path = Path(path)
         self.device = device
         self.sync_interval_s = sync_interval_s
@@ -109,6 +123,14 @@ class Store:
         """Readings whose time is not known yet: stored, not sent."""
         self.chain = chain
         """Links seal and alarm events as they are committed (agent/chain.py)."""
+        self.max_bytes = max_bytes
+        self.max_age_ms = int(max_age_s * 1000)
+        self.on_drop = on_drop
+        self.dropped: dict[str, int] = {}
+        """Readings given up per stream (retention.py), for status."""
+        self.full_errors = 0
+        self._full = False
+        self._next_maintenance = 0.0
         if chain is not None:
             saved = dict(self._wdb.execute(
                 "SELECT key, value FROM state WHERE key IN ('chain_seq', 'chain_hash')").fetchall())
@@ -228,21 +250,103 @@ class Store:
             batch, markers = self._drain(first)
             stop = _STOP in markers
             flushes = [m for m in markers if isinstance(m, threading.Event)]
-            for release in (m for m in markers if isinstance(m, _Release)):
-                self._release(release.resolve)
+            for m in markers:
+                if isinstance(m, _Release):
+                    self._release(m.resolve)
+                elif isinstance(m, _Maintain):
+                    self._maintain()
+                    m.done.set()
             durable = stop or bool(flushes) or self._sync_due() or any(r[4] for r in batch)
             if batch or durable or self._acks_due() or self._state_due():
-                while not self._commit(batch, durable=durable):
+                while not self._commit_all_of(batch, durable):
                     if stop:
                         log.error("final commit failed; %d readings not stored", len(batch))
                         break
                     time.sleep(_RETRY_S)
                     more, later = self._drain()
-                    batch += more
+                    batch = self._bounded(batch + more)
+                    durable = durable or any(r[4] for r in more)
                     stop = stop or _STOP in later
                     flushes += [m for m in later if isinstance(m, threading.Event)]
             for f in flushes:
                 f.set()
+            if time.monotonic() >= self._next_maintenance:
+                self._maintain()
+
+    def _commit_all_of(self, batch: list[tuple], durable: bool) -> bool:
+        """Commit the batch; on a full store, evidence first and the rest in chunks, so what
+        fits gets in. What was committed leaves ``batch`` (it is changed in place)."""
+        if self._commit(batch, durable=durable):
+            batch.clear()
+            return True
+        if not self._full:
+            return False
+        batch.sort(key=lambda item: item[0] not in retention.NEVER_SHED)  # stable: per-stream order kept
+        while batch:
+            chunk = batch[:_FULL_CHUNK]
+            if not self._commit(chunk, durable=durable):
+                return False
+            del batch[:len(chunk)]
+        return True
+
+    def maintain(self, timeout: float = 30.0) -> bool:
+        """Apply the size and age limits now (normally every 10 s); True once done."""
+        m = _Maintain(threading.Event())
+        self._q.put(m)
+        return m.done.wait(timeout)
+
+    def _bounded(self, batch: list[tuple]) -> list[tuple]:
+        """While nothing can be written, keep memory bounded: give up the oldest readings that
+        are not evidence (seal, alarm, ignition are always kept), and say so."""
+        excess = len(batch) - _MAX_PENDING
+        if excess <= 0:
+            return batch
+        kept, lost = [], Counter()
+        for item in batch:
+            if excess > 0 and item[0] not in retention.NEVER_SHED:
+                lost[item[0]] += 1
+                excess -= 1
+            else:
+                kept.append(item)
+        with self._count_lock:
+            self._queued -= sum(lost.values())
+        self._report([retention.Dropped(s, n, 0, 0, "unwritable") for s, n in lost.items()])
+        return kept
+
+    def _maintain(self, emergency: bool = False) -> None:
+        """Keep the buffer within [store] max_mb and max_age_days (agent/retention.py)."""
+        self._next_maintenance = time.monotonic() + _MAINTENANCE_S
+        conn = self._wdb.conn
+        try:
+            limit = self.max_bytes
+            if emergency:  # the disk is full: make room inside the file, wherever the limit is
+                limit = int(retention.used_bytes(conn) / retention.TARGET * _EMERGENCY_KEEP)
+            dropped: list[retention.Dropped] = []
+            if limit or self.max_age_ms:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if self.max_age_ms:
+                        dropped += retention.expire(conn, self.max_age_ms)
+                    if limit and retention.used_bytes(conn) > limit:
+                        dropped += retention.shed(conn, limit)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
+                        conn.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as e:
+            log.error("store maintenance failed: %s", e)
+            return
+        self._report(dropped)
+
+    def _report(self, dropped: list[retention.Dropped]) -> None:
+        if not dropped:
+            return
+        for d in dropped:
+            self.dropped[d.stream] = self.dropped.get(d.stream, 0) + d.count
+            log.warning("store: dropped %d %s readings (%s)", d.count, d.stream, d.reason)
+        if self.on_drop is not None:
+            self.on_drop(dropped)
 
     def _drain(self, first: Any = None) -> tuple[list[tuple], list[Any]]:
         """Everything queued right now: readings (one transaction) and control markers."""
@@ -320,7 +424,8 @@ class Store:
             if chain is not None and chain_before is not None:
                 chain.restore(*chain_before)
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
+                    conn.execute("ROLLBACK")
             self.commit_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             log.error("store: releasing held readings failed (%s); will retry", e)
@@ -398,7 +503,8 @@ class Store:
                 finally:
                     self._visibility.release()
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
+                    conn.execute("ROLLBACK")
                 raise
         except sqlite3.Error as e:
             if chain is not None and chain_before is not None:
@@ -406,6 +512,10 @@ class Store:
             self.commit_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             log.error("store commit failed (%s); %d readings held in memory", e, len(rows))
+            self._full = getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            if self._full:
+                self.full_errors += 1
+                self._maintain(emergency=True)
             return False
         self._seq = seq
         self.held += held

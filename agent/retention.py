@@ -1,0 +1,91 @@
+"""What the store gives up when it must: the oldest, least valuable readings, never evidence.
+
+When the buffer outgrows ``[store] max_mb`` (or the disk is full), readings are shed in this
+order until it is back under 80 % of the limit: old `health`, old `can`, two of every three
+old `position` readings (the track stays, at a third of the density), the same for old
+`temperature`, then the oldest positions. (Thinning by half would free no space: SQLite
+merges pages only once they are about a third full, and new rows never go into old pages.) Seal events, alarms and ignition changes are never shed. Readings older
+than ``max_age_days`` (judged against the newest reading's time, not the system clock) go the
+same way. Every loss is reported as a `data_dropped` alarm, so a gap in seq at the backend
+is always explained.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+NEVER_SHED = ("seal", "alarm", "ignition")
+TARGET = 0.8
+# The newest readings of a stream are what the backend needs most when the link returns.
+KEEP_NEWEST = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    stream: str
+    count: int
+    first_seq: int
+    last_seq: int
+    reason: str  # "store_full" or "too_old"
+
+
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes the data occupies (the file does not shrink; freed pages are reused)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    return (pages - free) * size
+
+
+def shed(conn: sqlite3.Connection, limit_bytes: int) -> list[Dropped]:
+    """Delete readings until the data is under TARGET × limit; inside the caller's transaction."""
+    out: list[Dropped] = []
+    steps = [("health", 1), ("can", 1), ("position", 3), ("temperature", 3), ("position", 1), ("can", 1)]
+    for stream, every in steps:
+        while used_bytes(conn) > TARGET * limit_bytes:
+            dropped = _delete_oldest(conn, stream, every, "store_full")
+            if dropped is None:
+                break
+            out.append(dropped)
+    return out
+
+
+def expire(conn: sqlite3.Connection, max_age_ms: int) -> list[Dropped]:
+    """Delete sheddable readings older than ``max_age_ms`` before the newest reading."""
+    newest = conn.execute("SELECT MAX(ts) FROM readings WHERE held = 0").fetchone()[0]
+    if newest is None:
+        return []
+    cutoff = newest - max_age_ms
+    out = []
+    for (stream,) in conn.execute(
+        f"SELECT DISTINCT stream FROM readings WHERE ts < ? AND held = 0 "
+        f"AND stream NOT IN ({','.join('?' * len(NEVER_SHED))})", (cutoff, *NEVER_SHED)
+    ).fetchall():
+        rows = conn.execute(
+            "SELECT id, seq FROM readings WHERE stream = ? AND ts < ? AND held = 0 ORDER BY id", (stream, cutoff)
+        ).fetchall()
+        out.append(_delete(conn, stream, rows, "too_old"))
+    return out
+
+
+def _delete_oldest(conn: sqlite3.Connection, stream: str, every: int, reason: str) -> Dropped | None:
+    """The older half of a stream: all of it (``every`` 1), or all but one in ``every``."""
+    total = conn.execute("SELECT COUNT(*) FROM readings WHERE stream = ?", (stream,)).fetchone()[0]
+    candidates = (total - KEEP_NEWEST) // 2
+    if candidates <= 0:
+        return None
+    rows = conn.execute(
+        "SELECT id, seq FROM readings WHERE stream = ? ORDER BY id LIMIT ?", (stream, candidates)
+    ).fetchall()
+    if every > 1:
+        rows = [r for k, r in enumerate(rows) if k % every]  # keeps the first of each group
+    if not rows:
+        return None
+    return _delete(conn, stream, rows, reason)
+
+
+def _delete(conn: sqlite3.Connection, stream: str, rows: list[tuple[int, int]], reason: str) -> Dropped:
+    conn.executemany("DELETE FROM readings WHERE id = ?", [(r[0],) for r in rows])
+    seqs = [r[1] for r in rows]
+    return Dropped(stream, len(rows), min(seqs), max(seqs), reason)
