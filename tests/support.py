@@ -84,10 +84,16 @@ class Backend:
 
 
 def toml_value(v: Any) -> str:
+    import datetime as dt
+
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, dt.datetime):
+        return v.isoformat()
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(str(v))
@@ -109,7 +115,12 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
             emit(sub_name, sub)
 
     for name, table in sections.items():
-        emit(name, table)
+        if isinstance(table, list):  # [[seals]]: an array of tables
+            for item in table:
+                lines.append(f"[[{name}]]")
+                lines.extend(f"{k} = {toml_value(v)}" for k, v in item.items())
+        else:
+            emit(name, table)
     path.write_text("\n".join(lines) + "\n")
     return path
 
