@@ -111,6 +111,12 @@ class Agent:
 
     def run(self) -> int:
         self.store.start()
+        for path in self.store.damaged_files:
+            # Evidence may be in there: say so loudly, and where it was kept.
+            self.emit(alarm(None, time.monotonic_ns(), {
+                "kind": "store_damaged", "state": "raised", "severity": "critical", "moved_to": path,
+                "detail": "the buffer failed its integrity check at start; a new one was started",
+            }))
         self.uplink.start()  # sinks before sources
         for i, driver in enumerate(self.drivers):
             t = threading.Thread(target=self._drive, args=(i, driver), name=f"driver-{driver.kind}", daemon=True)
