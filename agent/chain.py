@@ -21,15 +21,18 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from agent.secrets import read_secret
+
 CHAINED_STREAMS = frozenset({"seal", "alarm"})
 CHAIN_FIELDS = ("hash", "hmac")
 
 
-def read_key(path: Path | None) -> bytes | None:
-    """The per-device HMAC key: the file's bytes, surrounding whitespace stripped."""
+def read_key(path: Path | None, private: bool = True) -> bytes | None:
+    """The per-device HMAC key: the file's bytes, surrounding whitespace stripped. On the
+    device (``private``) the file must not be readable by everyone."""
     if path is None:
         return None
-    key = path.read_bytes().strip()
+    key = (read_secret(path) if private else path.read_bytes()).strip()
     if len(key) < 16:
         raise ValueError(f"{path}: an HMAC key needs at least 16 bytes")
     return key

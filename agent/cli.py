@@ -90,15 +90,21 @@ def source_problems(cfg: config_mod.Config) -> list[str]:
     from agent.runner import driver_for
 
     from agent.chain import read_key
+    from agent.secrets import secret_problem
 
     problems = []
     for name in cfg.sources:
         cls, section = driver_for(cfg, name)
         problems += cls.check(section)
-    try:
-        read_key(cfg.chain.hmac_key_file)
-    except (OSError, ValueError) as e:
-        problems.append(f"[chain] hmac_key_file: {e}")
+    for where, path in (("[chain] hmac_key_file", cfg.chain.hmac_key_file), ("[commands] key_file", cfg.commands.key_file)):
+        try:
+            read_key(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"{where}: {e}")
+    tls = cfg.mqtt.tls
+    for where, path in (("[mqtt] password_file", cfg.mqtt.password_file), ("[mqtt.tls] key_file", tls and tls.key_file)):
+        if path is not None and (problem := secret_problem(path)) is not None:
+            problems.append(f"{where}: {problem}")
     return problems
 
 
@@ -132,7 +138,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from agent.verify import render, verify_file
 
     try:
-        key = read_key(args.key_file)
+        key = read_key(args.key_file, private=False)  # the backend's copy, on the backend's machine
         reports = verify_file(args.file, key, args.partial)
     except (OSError, ValueError) as e:
         print(f"verify-chain: {e}", file=sys.stderr)

@@ -256,6 +256,17 @@ class TimeConfig(Section):
     the system clock's time and ``ts_trusted: false``."""
 
 
+class CommandsConfig(Section):
+    """The remote command channel ({prefix}/{id}/cmd → .../cmd/reply); docs/commands.md."""
+
+    key_file: Path | None = None
+    """The per-device HMAC key every command must be signed with. Without it the agent does
+    not even subscribe: no commands."""
+    window_s: Annotated[float, Field(gt=0, le=3600)] = 300
+    """A command's `ts` must be this close to the device's trusted time; replays inside the
+    window are caught by their nonce."""
+
+
 class HealthConfig(Section):
     interval_s: Annotated[float, Field(ge=0)] = 300
     """A `health` reading this often (satellites per constellation, counters, clock); 0: none."""
@@ -276,6 +287,7 @@ class Config(Section):
     temperature: list[TemperatureConfig] = []
     geofences: list[GeofenceConfig] = []
     chain: ChainConfig = ChainConfig()
+    commands: CommandsConfig = CommandsConfig()
     reporting: ReportingConfig = ReportingConfig()
     health: HealthConfig = HealthConfig()
     time: TimeConfig = TimeConfig()
@@ -351,6 +363,8 @@ def _resolve_paths(cfg: Config, base: Path) -> Config:
         updates["mqtt"] = cfg.mqtt.model_copy(update=mqtt_updates)
     if (r := rel(cfg.chain.hmac_key_file)):
         updates["chain"] = cfg.chain.model_copy(update={"hmac_key_file": r})
+    if (r := rel(cfg.commands.key_file)):
+        updates["commands"] = cfg.commands.model_copy(update={"key_file": r})
     return cfg.model_copy(update=updates) if updates else cfg
 
 

@@ -127,6 +127,10 @@ class Pipeline:
         with self._position_lock:
             self.policy.set_ignition(on)
 
+    def force_profile(self, profile: str) -> None:
+        with self._position_lock:
+            self.policy.force(profile)
+
     def _position(self, reading: Reading) -> list[Reading]:
         assert reading.ts_ms is not None, "positions carry GPS time"
         mono = reading.meta.get("mono_ns")

@@ -45,6 +45,9 @@ class ReportingPolicy:
         self._stopped = False
         self._slow_since: int | None = None
         self._ignition: bool | None = None
+        """What the profiles follow: the sensed ignition, or a remote override."""
+        self._sensed: bool | None = None
+        self._forced: bool | None = None
         self._pending_event: str | None = None
         self.considered = 0
         self.reported = 0
@@ -57,6 +60,19 @@ class ReportingPolicy:
 
     def set_ignition(self, on: bool | None) -> None:
         """From CAN or a GPIO; None when unknown (no source). A change is reported at once."""
+        self._sensed = on
+        self._apply(on if self._forced is None else self._forced)
+
+    def force(self, profile: str) -> None:
+        """A remote command: "moving" or "parked" whatever the ignition says; "auto" again."""
+        self._forced = {"moving": True, "parked": False, "auto": None}[profile]
+        self._apply(self._sensed if self._forced is None else self._forced)
+
+    @property
+    def forced(self) -> str | None:
+        return None if self._forced is None else ("moving" if self._forced else "parked")
+
+    def _apply(self, on: bool | None) -> None:
         if on is not None and on != self._ignition and self._ignition is not None:
             self._pending_event = "ignition_on" if on else "ignition_off"
         self._ignition = on

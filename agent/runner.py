@@ -16,11 +16,14 @@ from typing import IO, Any
 
 from agent.backoff import backoff_delay
 from agent.alarms import alarm
+from agent import __version__
 from agent.chain import Chain, read_key
+from agent.commands import CommandError, CommandHandler
 from agent.clock import TimeKeeper
 from agent.config import Config
 from agent.health import health_reading
 from agent.pipeline import Pipeline
+from agent.reading import Reading, iso_ms
 from agent.store import Store
 from agent.systemd import Notifier
 from agent.uplink import ConsoleUplink, MqttUplink, Uplink
@@ -86,6 +89,11 @@ class Agent:
         self.pipeline = Pipeline(config, self.store, self.clock)
         self.emit = self.pipeline.emit
         self.drivers = build_drivers(config, self.emit, self.clock)
+        if config.commands.key_file is not None and isinstance(self.uplink, MqttUplink):
+            self.uplink.commands = CommandHandler(
+                config.device.id, read_key(config.commands.key_file), self.clock, self._command_actions(),
+                window_s=config.commands.window_s,
+            )
         self.notifier = Notifier()
         self.started_wall = time.time()
         self.started_mono = time.monotonic()
@@ -154,6 +162,34 @@ class Agent:
             self._driver_stop.wait(backoff_delay(attempt, 1, 60))
         self._finished.add(index)
 
+    def _command_actions(self) -> dict[str, Any]:
+        """What the backend may ask for (docs/commands.md)."""
+
+        def ping(_args: dict[str, Any]) -> dict[str, Any]:
+            return {"pong": True, "uptime_s": int(time.monotonic() - self.started_mono),
+                    "version": __version__, "pending": self.store.pending()}
+
+        def position(_args: dict[str, Any]) -> dict[str, Any]:
+            fix = self.pipeline.last_fix
+            if fix is None:
+                raise CommandError("no fix yet")
+            data = {**fix.data, "event": "requested"}
+            self.store.append(Reading("position", fix.ts_ms, data))
+            return {"ts": iso_ms(fix.ts_ms or 0), **data}
+
+        def set_profile(args: dict[str, Any]) -> dict[str, Any]:
+            profile = args.get("profile")
+            if profile not in ("moving", "parked", "auto"):
+                raise CommandError('args.profile must be "moving", "parked" or "auto"')
+            self.pipeline.force_profile(profile)
+            return {"profile": profile, "state": self.pipeline.policy.state}
+
+        def flush(_args: dict[str, Any]) -> dict[str, Any]:
+            done = self.store.flush()
+            return {"durable": done, "pending": self.store.pending()}
+
+        return {"ping": ping, "position": position, "set_profile": set_profile, "flush": flush}
+
     def _dropped(self, dropped: list[Any]) -> None:
         """The store gave readings up: say which, so a gap in seq is explained, never silent."""
         for d in dropped:
@@ -216,6 +252,8 @@ class Agent:
                 "system_error_s": None if err is None else round(err, 3),
             },
             "uplink": self.uplink.status(),
+            "commands": None if getattr(self.uplink, "commands", None) is None else {
+                "accepted": self.uplink.commands.accepted, "rejected": self.uplink.commands.rejected},
             "drivers": {source: d.status() for source, d in zip(self.config.sources, self.drivers)},
             "store": {
                 "commits": self.store.commits,

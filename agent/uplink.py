@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from agent.backoff import backoff_delay
 from agent.config import Config
 from agent.outbox import Batch, Outbox
+from agent.secrets import read_secret
 from agent.store import Store
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,9 @@ class MqttUplink(Uplink):
 
     def __init__(self, config: Config, store: Store):
         super().__init__(config, store)
-        m = config.mqtt
         self.status_topic = config.topic("status")
+        self.commands: Any = None
+        """A CommandHandler (agent/commands.py) when the command channel is configured."""
         self.connects = 0
         self.disconnects = 0
         self._inflight: dict[int, Batch] = {}
@@ -180,6 +182,7 @@ class MqttUplink(Uplink):
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         return client
 
     def _password(self) -> str | None:
@@ -187,7 +190,8 @@ class MqttUplink(Uplink):
         if path is None:
             return None
         # Read at each connection so a rotated password is picked up without a restart.
-        return path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
+        text = read_secret(path).decode("utf-8")
+        return text.splitlines()[0] if text else ""
 
     def _connect(self, client: mqtt.Client) -> bool:
         m = self.config.mqtt
@@ -223,6 +227,8 @@ class MqttUplink(Uplink):
         self.connected = True
         log.info("connected to %s:%d", m.host, m.port)
         client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
+        if self.commands is not None:
+            client.subscribe(self.config.topic("cmd"), qos=1)
         return True
 
     def _session(self, client: mqtt.Client) -> None:
@@ -286,6 +292,12 @@ class MqttUplink(Uplink):
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: mqtt.ReasonCode, props: Any) -> None:
         self._lost = True
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.commands is None or msg.topic != self.config.topic("cmd"):
+            return
+        reply = self.commands.handle(msg.payload)
+        client.publish(self.config.topic("cmd") + "/reply", json.dumps(reply, separators=(",", ":")), qos=1)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: mqtt.ReasonCode, props: Any) -> None:
         batch = self._inflight.pop(mid, None)

@@ -23,6 +23,7 @@ def cargo_sections(tmp_path: Path) -> dict:
     demo = tomllib.loads(DEMO.read_text())
     key = tmp_path / "chain.key"
     key.write_text("customs-transit-key-CQ-HN-0042\n")
+    key.chmod(0o600)
     return {
         "gps": {"replay": str(REPO / "config" / "demo" / "trip.nmea.gz"), "replay_speed": 0},
         "seals": demo["seals"], "temperature": demo["temperature"], "geofences": demo["geofences"],

@@ -236,6 +236,8 @@ def test_username_password(tmp_path: Path, start_broker: Any, monkeypatch: pytes
     good_dir, bad_dir = folder(tmp_path / "good"), folder(tmp_path / "bad")
     (good_dir / "password").write_text("s3cret-pw\n")
     (bad_dir / "password").write_text("wrong-pw\n")
+    for d in (good_dir, bad_dir):
+        (d / "password").chmod(0o600)  # the agent refuses a secret anyone can read
     good = agent_config(good_dir, broker.port, gps={"replay": str(capture), "replay_speed": 0},
                         mqtt_extra={"username": "lorry", "password_file": str(good_dir / "password")})
     bad = agent_config(bad_dir, broker.port, gps={"replay": str(capture), "replay_speed": 100},
@@ -268,6 +270,7 @@ def test_refused_credentials_are_named_in_the_status(tmp_path: Path, start_broke
     broker = start_broker("broker", extra_conf=["allow_anonymous false", f"password_file {passwd}"])
     capture, _truth = make_trip(tmp_path)
     (tmp_path / "password").write_text("wrong-pw\n")
+    (tmp_path / "password").chmod(0o600)
     cfg = agent_config(tmp_path, broker.port, gps={"replay": str(capture), "replay_speed": 100},
                        mqtt_extra={"username": "lorry", "password_file": "password"})
     with AgentProcess(cfg):
