@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -51,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--key-file", type=Path, help="the device's HMAC key: also check every event's HMAC")
     verify.add_argument("--partial", action="store_true", help="the file starts mid-chain (do not require chain_seq 1)")
     verify.set_defaults(func=_cmd_verify)
+
+    unit = sub.add_parser("unit-dropin", help="print a systemd drop-in allowing only the configured devices")
+    with_config(unit)
+    unit.set_defaults(func=_cmd_unit)
 
     demo = sub.add_parser("demo", help="replay the bundled Chongqing -> Hanoi trip against a private mosquitto")
     demo.add_argument("--speed", type=float, default=1000.0, help="replay speed (default 1000x real time)")
@@ -147,6 +150,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if reports and all(r.ok for r in reports) else 1
 
 
+def _cmd_unit(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    from agent.unit import dropin
+
+    print(dropin(cfg), end="")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging("error")  # the demo tells its own story on stdout
     from agent.demo.run import run_demo
@@ -154,12 +167,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(level: str) -> None:
-    # Under systemd, journald stamps the time itself.
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if "JOURNAL_STREAM" not in os.environ:
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
-    logging.getLogger("paho").setLevel(logging.WARNING)
+    from agent.logs import setup
+
+    setup(level)
 
 
 if __name__ == "__main__":
