@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--partial", action="store_true", help="the file starts mid-chain (do not require chain_seq 1)")
     verify.set_defaults(func=_cmd_verify)
 
+    from agent import watch
+
+    w = sub.add_parser("watch", help="subscribe as the backend would and show each device's live state")
+    watch.add_arguments(w)  # has its own --config: command line beats config beats defaults
+    w.set_defaults(func=watch.main)
+
     unit = sub.add_parser("unit-dropin", help="print a systemd drop-in allowing only the configured devices")
     with_config(unit)
     unit.set_defaults(func=_cmd_unit)

@@ -193,7 +193,7 @@ class Agent:
     def _dropped(self, dropped: list[Any]) -> None:
         """The store gave readings up: say which, so a gap in seq is explained, never silent."""
         for d in dropped:
-            data = {"kind": "data_dropped", "state": "raised", "stream": d.stream, "count": d.count,
+            data = {"kind": "data_dropped", "state": "raised", "dropped_stream": d.stream, "count": d.count,
                     "reason": d.reason}
             if d.first_seq:
                 data |= {"first_seq": d.first_seq, "last_seq": d.last_seq}

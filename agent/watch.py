@@ -8,8 +8,9 @@ keeps, per device: the online/offline status, the last position, seals, temperat
 and active DTCs, the last health reading (buffer depth, satellites, clock, VIN), the recent
 alarms, and per stream the readings, duplicates and the gaps in ``seq`` (computed from the set of
 seq numbers received, so a backlog arriving late fills them). Every ~2 s, when something
-changed, it prints a plain-text state screen (no curses: fine in any terminal and in logs); with
-``--json`` it prints every reading received instead, one JSON object per line.
+changed, it prints a plain-text state screen (no curses: fine in any terminal and in logs), and
+a final one on exit; with ``--json`` it prints every reading received instead, one JSON object
+per line, and problems go to stderr.
 
 Three layers, so each can be reused and tested alone:
 
@@ -50,7 +51,17 @@ SHOWN_RANGES = 8
 """Missing seq ranges listed on a stream's line; the rest are counted."""
 NON_READING_TOPICS = frozenset({"status", "cmd"})
 """Single-level topics under a device that carry no readings (``cmd/reply`` has two levels)."""
+DROPPED_STREAM_KEYS = ("dropped_stream",)
+"""The field of a ``data_dropped`` alarm naming the stream that lost readings. (docs/cargo.md
+calls it ``stream``, but that is the envelope's field, ``alarm`` on this stream, and the agent
+refuses to encode a reading whose data sets it.)"""
 JSON_CONTENT_TYPES = frozenset({"application/json", "text/json"})
+NOTHING_YET_HINT = (
+    " (not even a retained status): is the agent running and has it ever connected to this broker?"
+    "\nThe broker's ACL may also hide the topics from these credentials: docs/mosquitto.acl lets a"
+    "\ndevice read only its own cmd topic, so run watch with the backend's credentials."
+)
+"""Shown while a subscription brought nothing at all."""
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
 
@@ -206,6 +217,7 @@ class StreamStats:
     duplicates: int = 0
     messages: int = 0
     batches: int = 0
+    """Messages with more than one reading."""
     bytes: int = 0
     malformed: int = 0
     """Messages or readings on this topic that could not be used."""
@@ -329,6 +341,8 @@ class Watcher:
         """Messages on topics outside ``{prefix}/{device}/…``."""
         self.changes = 0
         """Counts every message taken in: a screen is due when it moved."""
+        self.last_problem: str | None = None
+        """The latest problem with a message (``device: what``)."""
         self._lock = threading.RLock()
 
     def device(self, device_id: str) -> DeviceState:
@@ -395,7 +409,7 @@ class Watcher:
             dev.malformed_messages += 1
             self._problem(dev, f"{stream}: {e} ({_preview(payload)})")
             return []
-        if len(readings) > 1 or payload.lstrip()[:1] == b"[":
+        if len(readings) > 1:
             stats.batches += 1
         accepted = []
         for r in readings:
@@ -431,6 +445,13 @@ class Watcher:
     def _problem(self, dev: DeviceState, text: str) -> None:
         dev.problems.append(text)
         del dev.problems[:-RECENT_PROBLEMS]
+        self.last_problem = f"{dev.id}: {text}"
+
+    @property
+    def malformed(self) -> int:
+        """Malformed messages and readings, all devices together."""
+        with self._lock:
+            return sum(d.malformed_messages + d.malformed_readings for d in self.state.values())
 
     def _apply(self, dev: DeviceState, stream: str, r: dict[str, Any]) -> None:
         """Update the per-stream state with a new (not duplicate) reading."""
@@ -468,9 +489,10 @@ class Watcher:
             if _newer(r, dev.dtcs.get(key)):
                 dev.dtcs[key] = r
         elif kind == "data_dropped":
+            target = next((r[k] for k in DROPPED_STREAM_KEYS if isinstance(r.get(k), str)), None)
             first, last = r.get("first_seq"), r.get("last_seq")
-            if type(first) is int and type(last) is int and first <= last:
-                dev.stream(str(r.get("stream"))).dropped.append((first, last))
+            if target and type(first) is int and type(last) is int and first <= last:
+                dev.stream(target).dropped.append((first, last))
 
     # -- output ---------------------------------------------------------------------------
 
@@ -559,7 +581,7 @@ def _clock(t: float | None) -> str:
 def _device_lines(dev: DeviceState, now: float) -> list[str]:
     status = dev.status or "status unknown"
     if dev.status is not None:
-        status += f" ({'retained, ' if dev.status_retained else ''}{_clock(dev.status_at)})"
+        status += " (retained)" if dev.status_retained else f" since {_clock(dev.status_at)}"
     seen = f"last message {duration(now - dev.last_message_at)} ago" if dev.last_message_at else "no messages"
     lines = [f"{dev.id}  {status}  {seen}  {dev.messages} msgs {_kib(dev.bytes)}"]
 
@@ -591,12 +613,16 @@ def _device_lines(dev: DeviceState, now: float) -> list[str]:
         parts.append(f"at {h.get('ts')}")
         lines += _wrapped("health", parts)
     for name, s in sorted(dev.seals.items()):
-        verdict = {True: "authorised", False: "NOT authorised"}.get(s.get("authorised"), "authorised ?")
+        text = f"{name} {_f(s.get('event'))} at {s.get('ts')}"
+        if s.get("event") in ("opened", "tampered"):
+            text += "  " + {True: "authorised", False: "NOT AUTHORISED"}.get(s.get("authorised"), "authorised ?")
         zones = s.get("zones")
-        zones_text = ", ".join(map(str, zones)) if isinstance(zones, list) and zones else "no zone"
-        extra = f"  battery {_f(s.get('battery_pct'), 'd', '%')}" if s.get("battery_pct") is not None else ""
-        lines.append(_line("seal", f"{name} {_f(s.get('event'))} at {s.get('ts')}  {verdict} ({zones_text})"
-                                   f"  id {_f(s.get('seal_id'))}{extra}"))
+        text += f"  zones: {', '.join(map(str, zones)) if isinstance(zones, list) and zones else '-'}"
+        if s.get("seal_id") is not None:
+            text += f"  id {s.get('seal_id')}"
+        if s.get("battery_pct") is not None:
+            text += f"  battery {_f(s.get('battery_pct'), 'd', '%')}"
+        lines.append(_line("seal", text))
     for name, t in sorted(dev.temperatures.items()):
         value = f"{_f(t.get('c'), '.2f', ' C')}" if t.get("c") is not None else f"no value ({_f(t.get('error'))})"
         errors = dev.temperature_errors.get(name, 0)
@@ -607,7 +633,8 @@ def _device_lines(dev: DeviceState, now: float) -> list[str]:
                  f"{' ' + str(v['unit']) if v.get('unit') else ''}"
                  for (name, sa), v in sorted(dev.can.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))]
         latest = max(dev.can.values(), key=lambda v: v["seq"])
-        lines += _wrapped("can", items + [f"(latest {latest.get('ts')})"])
+        lines += _wrapped("can", items)
+        lines[-1] += f"  (at {latest.get('ts')})"
     for a in dev.active_dtcs:
         lamps = a.get("lamps")
         lit = [k for k, v in lamps.items() if v == "on"] if isinstance(lamps, dict) else []
@@ -633,7 +660,7 @@ def _device_lines(dev: DeviceState, now: float) -> list[str]:
 
 
 ALARM_DETAIL_KEYS = ("seal", "sensor", "side", "c", "limit_c", "zone", "zone_kind", "spn", "fmi",
-                     "stream", "count", "first_seq", "last_seq", "reason")
+                     *DROPPED_STREAM_KEYS, "count", "first_seq", "last_seq", "reason")
 
 
 def _alarm_text(a: dict[str, Any]) -> str:
@@ -693,6 +720,7 @@ class MqttWatch:
         self.on_readings = on_readings
         self.note = note or (lambda _line: None)
         self.connected = False
+        self.stopping = False
         self.connects = 0
         self.last_error: str | None = None
         self.subscribed = threading.Event()
@@ -740,6 +768,7 @@ class MqttWatch:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self.stopping = True
         try:
             self.client.disconnect()
         finally:
@@ -754,19 +783,23 @@ class MqttWatch:
             return
         self.connected = True
         self.connects += 1
+        self.last_error = None
         resumed = " (session resumed)" if getattr(flags, "session_present", False) else ""
         self.note(f"connected to {o.host}:{o.port}{resumed}")
         client.subscribe(o.topic, qos=1)
 
     def _on_connect_fail(self, _client: mqtt.Client, _u: Any) -> None:
-        self._error(f"cannot connect to {self.opts.host}:{self.opts.port}; retrying")
+        # paho calls this inside its ``except OSError``: the exception says why (refused,
+        # unreachable, a certificate the CA does not vouch for...).
+        why = sys.exc_info()[1]
+        self._error(f"cannot connect to {self.opts.host}:{self.opts.port}" + (f": {why}" if why else ""), "; retrying")
 
     def _on_disconnect(self, _client: mqtt.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         was = self.connected
         self.connected = False
         self.subscribed.clear()
-        if was:
-            self._error(f"connection to {self.opts.host}:{self.opts.port} lost ({reason}); reconnecting")
+        if was and not self.stopping:
+            self._error(f"connection to {self.opts.host}:{self.opts.port} lost ({reason})", "; reconnecting")
 
     def _on_subscribe(self, _client: mqtt.Client, _u: Any, _mid: int, reasons: list[Any], _props: Any) -> None:
         if any(r.is_failure for r in reasons):
@@ -781,9 +814,11 @@ class MqttWatch:
         if readings and self.on_readings is not None:
             self.on_readings(readings)
 
-    def _error(self, text: str) -> None:
+    def _error(self, text: str, then: str = "") -> None:
+        """Note a problem, once while it stays the same (paho retries every few seconds)."""
+        if text != self.last_error:
+            self.note(text + then)
         self.last_error = text
-        self.note(text)
 
 
 def _silence(out: TextIO) -> None:
@@ -822,31 +857,36 @@ def watch(opts: Options, *, as_json: bool = False, duration: float | None = None
             _silence(out)
             stop.set()
 
-    malformed_seen = [0]
+    malformed_seen = 0
 
     def report_malformed() -> None:
         """In --json mode stdout holds readings only: problems go to stderr as they come."""
-        with watcher._lock:
-            probs = [(d.id, d.malformed_messages + d.malformed_readings, list(d.problems)) for d in watcher.state.values()]
-        total = sum(n for _id, n, _p in probs)
-        if total > malformed_seen[0]:
-            new = total - malformed_seen[0]
-            malformed_seen[0] = total
-            last = next((f"{i}: {p[-1]}" for i, n, p in probs if p), "")
-            note(f"{new} malformed message(s)/reading(s); latest: {last}")
+        nonlocal malformed_seen
+        total = watcher.malformed
+        if total > malformed_seen:
+            note(f"{total - malformed_seen} malformed message(s) or reading(s); latest: {watcher.last_problem}")
+            malformed_seen = total
 
     session = MqttWatch(opts, watcher, on_readings=print_json if as_json else None, note=note, reconnect=reconnect)
     ever_subscribed = False
-    printed_changes = -1
+    printed: tuple[Any, ...] = ()
     screens = 0
 
-    def screen() -> None:
-        nonlocal printed_changes, screens
-        printed_changes = watcher.changes
+    def shown() -> tuple[Any, ...]:
+        """What a screen shows that can change: the messages taken in and the link."""
+        return watcher.changes, session.connected, session.last_error
+
+    def screen(final: bool = False) -> None:
+        nonlocal printed, screens
+        printed = shown()
         screens += 1
-        link = "connected" if session.connected else f"DISCONNECTED ({session.last_error or 'connecting'})"
+        link = "final" if final else "connected" if session.connected else \
+            f"DISCONNECTED ({session.last_error or 'connecting'})"
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(watcher.clock()))
-        text = f"--- {stamp}Z  {opts.host}:{opts.port} {opts.topic}  {link} ---\n{watcher.render()}\n"
+        body = watcher.render()
+        if not watcher.state and session.connects:
+            body += NOTHING_YET_HINT
+        text = f"--- {stamp}Z  {opts.host}:{opts.port} {opts.topic}  {link} ---\n{body}\n"
         try:
             with out_lock:
                 out.write(text + "\n")
@@ -872,7 +912,7 @@ def watch(opts: Options, *, as_json: bool = False, duration: float | None = None
                 next_screen = now + interval
                 if as_json:
                     report_malformed()
-                elif watcher.changes != printed_changes or (once and not screens):
+                elif shown() != printed or (once and not screens):
                     screen()
                 if once:
                     break
@@ -886,8 +926,8 @@ def watch(opts: Options, *, as_json: bool = False, duration: float | None = None
             pass
     if as_json:
         report_malformed()
-    elif ever_subscribed and (watcher.changes != printed_changes or not screens) and not (once and screens):
-        screen()  # the final state, as of the end
+    elif ever_subscribed and not (once and screens):
+        screen(final=True)  # the state as of the end (--for, Ctrl-C), even if unchanged
     if not ever_subscribed:
         note(f"never subscribed to {opts.topic} on {opts.host}:{opts.port}"
              + (f": {session.last_error}" if session.last_error else ""))
@@ -1031,7 +1071,7 @@ def main(args: argparse.Namespace) -> int:
                      once=bool(getattr(args, "once", False)),
                      interval=getattr(args, "interval", None) or SCREEN_INTERVAL_S)
     except (ssl.SSLError, OSError, ValueError) as e:  # e.g. a TLS file paho cannot load
-        print(f"lorry-agent watch: {e}", file=sys.stderr)
+        print(f"lorry-agent watch: cannot set up the connection: {e}", file=sys.stderr)
         return 2
 
 
