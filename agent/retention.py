@@ -27,7 +27,7 @@ class Dropped:
     count: int
     first_seq: int
     last_seq: int
-    reason: str  # "store_full" or "too_old"
+    reason: str  # "store_full", "too_old", "unwritable", "store_damaged", "store_missing"
 
 
 def used_bytes(conn: sqlite3.Connection) -> int:
@@ -38,21 +38,31 @@ def used_bytes(conn: sqlite3.Connection) -> int:
     return (pages - free) * size
 
 
-def shed(conn: sqlite3.Connection, limit_bytes: int) -> list[Dropped]:
-    """Delete readings until the data is under TARGET × limit; inside the caller's transaction."""
-    out: list[Dropped] = []
-    steps = [("health", 1), ("can", 1), ("position", 3), ("temperature", 3), ("position", 1), ("can", 1)]
-    for stream, every in steps:
-        while used_bytes(conn) > TARGET * limit_bytes:
-            dropped = _delete_oldest(conn, stream, every, "store_full")
-            if dropped is None:
-                break
-            out.append(dropped)
-    return out
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Rows to give up, oldest first; deleted in chunks so no transaction needs much journal."""
+    stream: str
+    rows: list[tuple[int, int]]  # (id, seq)
+    reason: str
 
 
-def expire(conn: sqlite3.Connection, max_age_ms: int) -> list[Dropped]:
-    """Delete sheddable readings older than ``max_age_ms`` before the newest reading."""
+_SHED_STEPS = [("health", 1), ("can", 1), ("position", 3), ("temperature", 3), ("position", 1), ("can", 1)]
+
+
+def plan_shed(conn: sqlite3.Connection, limit_bytes: int) -> Plan | None:
+    """The next rows to give up while the data is over TARGET × limit, or None when under it
+    or when nothing sheddable is left."""
+    if used_bytes(conn) <= TARGET * limit_bytes:
+        return None
+    for stream, every in _SHED_STEPS:
+        rows = _oldest(conn, stream, every)
+        if rows:
+            return Plan(stream, rows, "store_full")
+    return None
+
+
+def plan_expiry(conn: sqlite3.Connection, max_age_ms: int) -> list[Plan]:
+    """Sheddable readings older than ``max_age_ms`` before the newest reading."""
     newest = conn.execute("SELECT MAX(ts) FROM readings WHERE held = 0").fetchone()[0]
     if newest is None:
         return []
@@ -65,27 +75,26 @@ def expire(conn: sqlite3.Connection, max_age_ms: int) -> list[Dropped]:
         rows = conn.execute(
             "SELECT id, seq FROM readings WHERE stream = ? AND ts < ? AND held = 0 ORDER BY id", (stream, cutoff)
         ).fetchall()
-        out.append(_delete(conn, stream, rows, "too_old"))
+        out.append(Plan(stream, rows, "too_old"))
     return out
 
 
-def _delete_oldest(conn: sqlite3.Connection, stream: str, every: int, reason: str) -> Dropped | None:
+def _oldest(conn: sqlite3.Connection, stream: str, every: int) -> list[tuple[int, int]]:
     """The older half of a stream: all of it (``every`` 1), or all but one in ``every``."""
     total = conn.execute("SELECT COUNT(*) FROM readings WHERE stream = ?", (stream,)).fetchone()[0]
     candidates = (total - KEEP_NEWEST) // 2
     if candidates <= 0:
-        return None
+        return []
     rows = conn.execute(
         "SELECT id, seq FROM readings WHERE stream = ? ORDER BY id LIMIT ?", (stream, candidates)
     ).fetchall()
     if every > 1:
         rows = [r for k, r in enumerate(rows) if k % every]  # keeps the first of each group
-    if not rows:
-        return None
-    return _delete(conn, stream, rows, reason)
+    return rows
 
 
-def _delete(conn: sqlite3.Connection, stream: str, rows: list[tuple[int, int]], reason: str) -> Dropped:
+def delete(conn: sqlite3.Connection, stream: str, rows: list[tuple[int, int]], reason: str) -> Dropped:
+    """Delete these rows, inside the caller's transaction."""
     conn.executemany("DELETE FROM readings WHERE id = ?", [(r[0],) for r in rows])
     seqs = [r[1] for r in rows]
     return Dropped(stream, len(rows), min(seqs), max(seqs), reason)

@@ -33,7 +33,9 @@ from typing import Any
 import sqlite_utils
 
 from agent import retention
+from agent.ballast import Ballast
 from agent.chain import CHAINED_STREAMS, Chain
+from agent.ledger import Ledger
 from agent.reading import Reading, encode_parts, resolved_body
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,18 @@ _ACK_BATCH = 2000
 # Status values are written with the next commit, or on their own after this long.
 _STATE_INTERVAL_S = 30.0
 _IDLE_S = 5.0
-_MAX_BATCH = 20_000
+# Readings per transaction: bounds the WAL a backlog commit needs (see the reserve).
+_MAX_BATCH = 5_000
 # Readings held in memory while the store cannot be written (disk full, failing card).
 _MAX_PENDING = 50_000
 _MAINTENANCE_S = 10.0
 # On a full disk: shed down to this share of what the data uses now, then commit in chunks.
 _EMERGENCY_KEEP = 0.7
 _FULL_CHUNK = 500
+# Rows deleted per shedding transaction: bounds the WAL that giving data up needs.
+_SHED_CHUNK = 500
+# Pages returned to the filesystem per step on a full disk.
+_VACUUM_STEP = 16
 _STOP = object()
 
 
@@ -136,6 +143,16 @@ class Store:
                 "SELECT key, value FROM state WHERE key IN ('chain_seq', 'chain_hash')").fetchall())
             if saved:
                 chain.restore(int(saved["chain_seq"]), saved["chain_hash"])
+        self.ledger = Ledger(self.path.with_name(self.path.name + ".ledger"))
+        self.resumed: list[retention.Dropped] = self._resume(damaged=aside is not None)
+        """Seq ranges a fresh store continued above (agent/ledger.py), reported at start."""
+        self.ballast = Ballast(self.path.with_name(self.path.name + ".reserve"))
+        # The WAL must fit in the reserve: on a full disk a checkpoint has to move it into the
+        # database (which grows by as much) before anything can be freed.
+        self._wal_bytes = max(64 * 1024, self.ballast.size() // 2)
+        page = self._wdb.execute("PRAGMA page_size").fetchone()[0]
+        self._wdb.execute(f"PRAGMA wal_autocheckpoint = {self._wal_bytes // page}")
+        self._wdb.execute(f"PRAGMA journal_size_limit = {self._wal_bytes}")
         self.release_gen = 0
         self.releases: list[tuple[int, str, int]] = []
         """(generation, stream, lowest id) of recent releases: the outbox pages back to them."""
@@ -162,9 +179,39 @@ class Store:
         db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def _resume(self, damaged: bool) -> list[retention.Dropped]:
+        """A fresh store after a damaged or vanished one: continue every stream above the seqs
+        the ledger reserved, and the chain from its last link, so nothing the backend holds is
+        numbered again. Returns the ranges that may hold readings lost with the old file."""
+        ledger = self.ledger
+        if self._seq or ledger.empty:
+            return []
+        reason = "store_damaged" if damaged else "store_missing"
+        log.error("store %s is new but its ledger is not (%s): continuing above the reserved seqs",
+                  self.path, reason)
+        self._seq = dict(ledger.reserved)
+        conn = self._wdb.conn
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT OR REPLACE INTO streams (stream, last_seq) VALUES (?, ?)", self._seq.items())
+        if self.chain is not None and ledger.chain is not None:
+            self.chain.restore(*ledger.chain)
+            conn.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                             [("chain_seq", str(ledger.chain[0])), ("chain_hash", ledger.chain[1])])
+        conn.execute("COMMIT")
+        out = []
+        for stream, reserved in sorted(ledger.reserved.items()):
+            floor = ledger.floor.get(stream, 1)
+            if reserved >= floor:
+                out.append(retention.Dropped(stream, reserved - floor + 1, floor, reserved, reason))
+        return out
+
     # -- writing ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.ballast.ensure(headroom=self._wal_bytes)
+        if self.ledger.needs_reserve(self._seq):
+            self.ledger.reserve(self._seq, self._floors(self._seq))
+        self._report(self.resumed)
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -227,6 +274,11 @@ class Store:
             self._thread.join(30)
         else:
             self._commit_all()
+        try:  # a clean stop: the ledger's floors as they are now (a smaller announced gap later)
+            self.ledger.floor.update(self._floors({}))
+            self.ledger.save()
+        except sqlite3.Error as e:
+            log.error("store: seq ledger not updated at stop (%s)", e)
         self._wdb.conn.close()
         with self._rlock:
             self._rconn.close()
@@ -314,30 +366,77 @@ class Store:
         return kept
 
     def _maintain(self, emergency: bool = False) -> None:
-        """Keep the buffer within [store] max_mb and max_age_days (agent/retention.py)."""
+        """Keep the buffer within [store] max_mb and max_age_days (agent/retention.py).
+
+        On a full disk (``emergency``): give the reserve back, fold the WAL into the database,
+        shed within the file (unless it already has room inside), return the freed pages to
+        the filesystem, and take the reserve again for the next time."""
         self._next_maintenance = time.monotonic() + _MAINTENANCE_S
         conn = self._wdb.conn
         try:
             limit = self.max_bytes
-            if emergency:  # the disk is full: make room inside the file, wherever the limit is
-                limit = int(retention.used_bytes(conn) / retention.TARGET * _EMERGENCY_KEEP)
-            dropped: list[retention.Dropped] = []
-            if limit or self.max_age_ms:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    if self.max_age_ms:
-                        dropped += retention.expire(conn, self.max_age_ms)
-                    if limit and retention.used_bytes(conn) > limit:
-                        dropped += retention.shed(conn, limit)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
-                        conn.execute("ROLLBACK")
-                    raise
+            if emergency:
+                self.ballast.release()
+                self._checkpoint()
+                used = retention.used_bytes(conn)
+                if _free_pages_bytes(conn) < (1 - _EMERGENCY_KEEP) * used:
+                    limit = int(used / retention.TARGET * _EMERGENCY_KEEP)
+            else:
+                self.ballast.ensure(headroom=self._wal_bytes)
+            if self.max_age_ms:
+                for plan in retention.plan_expiry(conn, self.max_age_ms):
+                    self._execute(plan, emergency)
+            while limit and (plan := retention.plan_shed(conn, limit)) is not None:
+                self._execute(plan, emergency)
+            if emergency:
+                self._give_back()
+                self.ballast.ensure(headroom=self._wal_bytes)
         except sqlite3.Error as e:
             log.error("store maintenance failed: %s", e)
-            return
-        self._report(dropped)
+
+    def _execute(self, plan: retention.Plan, emergency: bool) -> None:
+        """Delete a plan's rows in chunks, each its own transaction, each loss reported once
+        committed; on a full disk each followed by a checkpoint so the WAL stays small."""
+        conn = self._wdb.conn
+        for k in range(0, len(plan.rows), _SHED_CHUNK):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                dropped = retention.delete(conn, plan.stream, plan.rows[k:k + _SHED_CHUNK], plan.reason)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
+                    conn.execute("ROLLBACK")
+                raise
+            self._report([dropped])
+            if emergency:
+                self._checkpoint()
+
+    def _give_back(self) -> None:
+        """Return the database's free pages to the filesystem, a few at a time: each step
+        needs WAL space for the pages it moves, and its checkpoint frees that again."""
+        conn = self._wdb.conn
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        while free:
+            # executescript: sqlite3_exec steps the pragma to the end (execute() frees one page).
+            conn.executescript(f"PRAGMA incremental_vacuum({_VACUUM_STEP});")
+            self._checkpoint()
+            before, free = free, conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if free >= before:  # an old store without auto_vacuum, or nothing movable
+                break
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it: gives its space back."""
+        try:
+            self._wdb.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as e:
+            log.warning("store checkpoint failed: %s", e)
+
+    def _floors(self, seq: dict[str, int]) -> dict[str, int]:
+        """Per stream, the lowest seq not yet acknowledged (for the ledger)."""
+        floors = {s: n + 1 for s, n in self._seq.items()}
+        floors.update({s: self._seq.get(s, 0) + 1 for s in seq if s not in floors})
+        floors.update(dict(self._wdb.execute("SELECT stream, MIN(seq) FROM readings GROUP BY stream").fetchall()))
+        return floors
 
     def _report(self, dropped: list[retention.Dropped]) -> None:
         if not dropped:
@@ -423,14 +522,16 @@ class Store:
         except sqlite3.Error as e:
             if chain is not None and chain_before is not None:
                 chain.restore(*chain_before)
-            if conn.in_transaction:
-                if conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
-                    conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
+                conn.execute("ROLLBACK")
             self.commit_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             log.error("store: releasing held readings failed (%s); will retry", e)
             return
         self.held -= len(updates)
+        if chain is not None and chain.state() != chain_before:
+            self.ledger.chain = chain.state()
+            self.ledger.save()
         lowest: dict[str, int] = {}
         for _ts, _body, rid, stream in updates:
             lowest[stream] = min(rid, lowest.get(stream, rid))
@@ -461,6 +562,11 @@ class Store:
                 rows.append((stream, n, ts, body, 1, *hold))  # chained once its time is known
                 held += 1
         state = list(self._state.items()) if self._state_dirty_since is not None else []
+        if self.ledger.needs_reserve(seq):  # on disk before any of these seqs can be
+            try:
+                self.ledger.reserve(seq, self._floors(seq))
+            except sqlite3.Error as e:
+                log.error("store: seq ledger not updated (%s)", e)
         try:
             if durable != self._full_sync:
                 conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -512,13 +618,16 @@ class Store:
             self.commit_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             log.error("store commit failed (%s); %d readings held in memory", e, len(rows))
-            self._full = getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            self._full = _disk_full(e, self.path)
             if self._full:
                 self.full_errors += 1
                 self._maintain(emergency=True)
             return False
         self._seq = seq
         self.held += held
+        if chain is not None and chain.state() != chain_before:
+            self.ledger.chain = chain.state()
+            self.ledger.save()
         with self._count_lock:
             self._queued -= len(rows)
         self.commits += 1
@@ -587,6 +696,24 @@ class Store:
         return n + queued
 
 
+def _free_pages_bytes(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+
+
+def _disk_full(e: sqlite3.Error, path: Path) -> bool:
+    """SQLITE_FULL, or an I/O error on a filesystem with no room left (a failed WAL write)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL:
+        return True
+    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
+        try:
+            st = os.statvfs(path.parent)
+            return st.f_bavail * st.f_frsize < 64 * 1024
+        except OSError:
+            return False
+    return False
+
+
 def _ranges(ids: list[int]) -> list[tuple[int, int]]:
     """Sorted ids as (first, last) runs: acknowledged batches are mostly consecutive ids."""
     out: list[tuple[int, int]] = []
@@ -623,6 +750,14 @@ def _connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _new_file_settings(db: sqlite_utils.Database) -> None:
+    """Settings a database file takes only before its first table (and before WAL mode)."""
+    if not db.table_names():
+        # Lets a full disk get space back: pages freed by shedding can be returned to the
+        # filesystem (PRAGMA incremental_vacuum), not only reused inside the file.
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+
+
 def _open(path: Path) -> tuple[sqlite_utils.Database, Path | None]:
     """Open the buffer. A file that is not a sound database is moved aside (kept for
     forensics) and a new one started: a damaged card must never put the agent in a crash loop.
@@ -631,6 +766,7 @@ def _open(path: Path) -> tuple[sqlite_utils.Database, Path | None]:
     try:
         conn = _connect(path)
         db = sqlite_utils.Database(conn)
+        _new_file_settings(db)
         db.enable_wal()
         ok = db.execute("PRAGMA quick_check").fetchone()[0]
         if ok != "ok":
@@ -646,6 +782,7 @@ def _open(path: Path) -> tuple[sqlite_utils.Database, Path | None]:
             if src.exists():
                 os.replace(src, Path(f"{aside}{suffix}"))
         db = sqlite_utils.Database(_connect(path))
+        _new_file_settings(db)
         db.enable_wal()
     db.execute("PRAGMA synchronous = NORMAL")
     return db, aside

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.chain import Chain
 from agent.reading import Reading
 from agent.store import Store
 
@@ -167,9 +168,53 @@ def test_damaged_store_is_moved_aside_and_replaced(tmp_path: Path, damage: str) 
     try:
         s.append(pos(1))
         s.flush()
-        assert [r.seq for r in all_rows(s, "position")] == [1], "a fresh store"
+        seqs = [r.seq for r in all_rows(s, "position")]
+        if damage == "garbage":  # no ledger either: a first start
+            assert seqs == [1] and s.resumed == []
+        else:  # numbered above everything the damaged store may have handed out
+            assert len(seqs) == 1 and seqs[0] > 3000, seqs
+            (gap,) = s.resumed
+            assert (gap.stream, gap.first_seq, gap.last_seq, gap.reason) == ("position", 1, seqs[0] - 1, "store_damaged")
         aside = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
         assert aside, "the damaged file is kept for forensics"
         assert s.damaged_files == [str(p) for p in sorted(aside) if not p.name.endswith(("-wal", "-shm"))]
+    finally:
+        s.close()
+
+
+def test_a_vanished_store_continues_its_seqs_and_chain(tmp_path: Path) -> None:
+    """The ledger next to the store keeps the seq reservations and the chain's head: a store
+    deleted (or lost with its WAL) starts above them, and the chain links on."""
+    db = tmp_path / "b.db"
+    chain = Chain("D")
+    s = Store(db, device="D", chain=chain)
+    s.start()
+    for i in range(50):
+        s.append(pos(i))
+    s.append(Reading("seal", 1000, {"event": "opened"}, urgent=True))
+    s.flush()
+    acked = [r.id for r in all_rows(s, "position")[:20]]
+    s.ack(acked)
+    s.flush()
+    last_link = chain.state()
+    s.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    chain2 = Chain("D")
+    s = Store(db, device="D", chain=chain2)
+    assert chain2.state() == last_link
+    s.start()
+    try:
+        s.append(pos(99))
+        s.append(Reading("seal", 2000, {"event": "sealed"}, urgent=True))
+        s.flush()
+        (p,) = all_rows(s, "position")
+        (seal,) = all_rows(s, "seal")
+        assert p.seq > 50 and seal.seq > 1
+        body = json.loads(seal.body)
+        assert body["chain_seq"] == 2 and body["prev_hash"] == last_link[1]
+        by_stream = {d.stream: d for d in s.resumed}
+        assert by_stream["position"].first_seq == 21 and by_stream["position"].last_seq == p.seq - 1
+        assert by_stream["position"].reason == "store_missing"
     finally:
         s.close()
