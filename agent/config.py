@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from agent.cargo_config import NAME, ChainConfig, GeofenceConfig, SealConfig, TemperatureConfig
+from agent.profile_config import UplinkProfileConfig
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -75,9 +76,17 @@ class MqttConfig(Section):
     tls: TlsConfig | None = None
     max_inflight: Annotated[int, Field(ge=1, le=100)] = 8
     """Messages handed to paho and not yet acknowledged; the store holds the rest."""
-    max_batch: Annotated[int, Field(ge=1, le=10_000)] = 200
-    """Readings per message while draining a backlog."""
+    max_batch: Annotated[int, Field(ge=1, le=10_000)] = 2000
+    """Most readings per message while draining a backlog (messages are sized in bytes to the
+    link: see `adaptive`)."""
     max_message_bytes: Annotated[int, Field(ge=1024, le=268_435_455)] = 131_072
+    """Largest message (encoded payload) sent; an MQTT 5 broker's Maximum Packet Size lowers it."""
+    encoding: Literal["json", "compact"] = "json"
+    """`compact`: batches as columnar, delta-encoded CBOR (docs/compact.md), about 15 times
+    smaller than JSON; announced with MQTT 5 content type `application/cbor`."""
+    adaptive: bool = True
+    """Size messages and the bytes in flight to the measured link (rate × round trip), so a
+    slow link carries full messages and a new alarm never waits behind seconds of backlog."""
     reconnect_min_s: Annotated[float, Field(gt=0)] = 1.0
     reconnect_max_s: Annotated[float, Field(gt=0)] = 120.0
 
@@ -286,6 +295,7 @@ class Config(Section):
     seals: list[SealConfig] = []
     temperature: list[TemperatureConfig] = []
     geofences: list[GeofenceConfig] = []
+    profiles: list[UplinkProfileConfig] = []
     chain: ChainConfig = ChainConfig()
     commands: CommandsConfig = CommandsConfig()
     reporting: ReportingConfig = ReportingConfig()
@@ -299,7 +309,13 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
-        for kind in ("seals", "temperature", "geofences"):
+        zones = {g.name for g in self.geofences}
+        for p in self.profiles:
+            if unknown := [z for z in p.zones if z not in zones]:
+                raise ValueError(f"[[profiles]] {p.name}: zones {', '.join(unknown)} are not [[geofences]] names")
+        if len([p for p in self.profiles if not p.zones]) > 1:
+            raise ValueError("[[profiles]]: only one profile may be without zones (the default)")
+        for kind in ("seals", "temperature", "geofences", "profiles"):
             names = [x.name for x in getattr(self, kind)]
             if dup := sorted({n for n in names if names.count(n) > 1}):
                 raise ValueError(f"[[{kind}]] names must be unique; repeated: {', '.join(dup)}")

@@ -13,6 +13,7 @@ flight when a link dropped is sent again with the same seq and content.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from agent.reading import STREAM_PRIORITY
 from agent.store import Row, Store
@@ -25,20 +26,33 @@ MAX_ACKS_WAITING = 10_000
 
 @dataclass(slots=True, frozen=True)
 class Batch:
+    """Consecutive readings of one stream; the uplink encodes them (JSON or compact)."""
     stream: str
     ids: tuple[int, ...]
-    payload: bytes
+    bodies: tuple[str, ...]
 
     @property
     def count(self) -> int:
         return len(self.ids)
 
+    def json(self) -> bytes:
+        """A lone reading is a JSON object, a batch an array (docs/contract.md)."""
+        if len(self.bodies) == 1:
+            return self.bodies[0].encode()
+        return ("[" + ",".join(self.bodies) + "]").encode()
+
+    def halves(self) -> tuple[Batch, Batch]:
+        k = len(self.ids) // 2
+        return (Batch(self.stream, self.ids[:k], self.bodies[:k]), Batch(self.stream, self.ids[k:], self.bodies[k:]))
+
 
 class Outbox:
-    def __init__(self, store: Store, *, max_batch: int, max_bytes: int):
+    def __init__(self, store: Store, *, max_batch: int, max_bytes: int, plan: Any = None):
         self.store = store
         self.max_batch = max_batch
         self.max_bytes = max_bytes
+        self.plan = plan
+        """An UplinkPlan (agent/profiles.py): which streams may go now. None: all of them."""
         self.reset()
 
     def reset(self) -> None:
@@ -50,23 +64,34 @@ class Outbox:
         self._order: list[str] = []
         self._order_at = -1
         self._release_seen = self.store.release_gen
+        self._plan_seen = -1
 
-    def next_batch(self) -> Batch | None:
+    def next_batch(self, max_bytes: int | None = None) -> Batch | None:
+        """The next message's readings, at most ``max_bytes`` of JSON (default: the limit)."""
         if self.store.release_gen != self._release_seen:
             self._page_back_to_released()
+        plan = self.plan
+        if plan is not None and plan.generation != self._plan_seen:
+            self._plan_seen = plan.generation
+            self._idle_at = -1
         durable = self.store.durable_id
         if durable == self._idle_at or self.store.acks_waiting >= MAX_ACKS_WAITING:
             return None
         if durable != self._order_at:
             self._order, self._order_at = _ordered(self.store.streams()), durable
+        budget = min(self.max_bytes, max_bytes) if max_bytes else self.max_bytes
         for stream in self._order:
+            if plan is not None and not plan.allowed(stream):
+                continue
             if stream == NEWEST_FIRST_STREAM and not self._newest_done:
                 first = self._newest_if_backlog(stream)
                 if first is not None:
                     return first
-            batch = self._page(stream)
+            batch = self._page(stream, budget)
             if batch is not None:
                 return batch
+            if plan is not None:
+                plan.drained(stream)
         self._idle_at = durable
         return None
 
@@ -88,9 +113,9 @@ class Outbox:
         if newest is None or newest.id == oldest[0].id:
             return None
         self._sent_newest = newest.id
-        return Batch(stream, (newest.id,), newest.body.encode())
+        return Batch(stream, (newest.id,), (newest.body,))
 
-    def _page(self, stream: str) -> Batch | None:
+    def _page(self, stream: str, max_bytes: int) -> Batch | None:
         while True:
             after = self._cursor.get(stream, 0)
             rows = self.store.fetch(stream, after, self.max_batch)
@@ -102,22 +127,14 @@ class Outbox:
                 if row.id == self._sent_newest:
                     continue
                 size += len(row.body) + 1
-                if picked and size > self.max_bytes:
+                if picked and size > max_bytes:
                     break
                 picked.append(row)
             if not picked:
                 self._cursor[stream] = rows[-1].id
                 continue
             self._cursor[stream] = picked[-1].id
-            return _pack(stream, picked)
-
-
-def _pack(stream: str, rows: list[Row]) -> Batch:
-    if len(rows) == 1:
-        payload = rows[0].body
-    else:
-        payload = "[" + ",".join(r.body for r in rows) + "]"
-    return Batch(stream, tuple(r.id for r in rows), payload.encode())
+            return Batch(stream, tuple(r.id for r in picked), tuple(r.body for r in picked))
 
 
 def _ordered(streams: list[str]) -> list[str]:

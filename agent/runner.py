@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from agent.profiles import STATE_KEY as USAGE_KEY
+from agent.profiles import UplinkPlan
 from agent.backoff import backoff_delay
 from agent.alarms import alarm
 from agent import __version__
@@ -84,7 +86,10 @@ class Agent:
                            chain=Chain(config.device.id, read_key(config.chain.hmac_key_file)),
                            max_bytes=int(config.store.max_mb * 1024 * 1024),
                            max_age_s=config.store.max_age_days * 86400, on_drop=self._dropped)
-        self.uplink: Uplink = ConsoleUplink(config, self.store, out) if dry_run else MqttUplink(config, self.store)
+        self.plan = UplinkPlan(config.profiles, zones=lambda: self.pipeline.geofences.inside,
+                               saved_usage=self.store.get_state(USAGE_KEY)) if config.profiles else None
+        self.uplink: Uplink = (ConsoleUplink(config, self.store, out) if dry_run
+                               else MqttUplink(config, self.store, self.plan))
         self.clock = TimeKeeper(trust_system_clock=config.time.trust_system_clock)
         self.pipeline = Pipeline(config, self.store, self.clock)
         self.emit = self.pipeline.emit

@@ -252,6 +252,14 @@ class Store:
         """Acknowledged rows not yet deleted; the uplink pauses when the writer falls behind."""
         return len(self._acked)
 
+    def get_state(self, key: str) -> str | None:
+        """A value kept with ``set_state`` (this run's, or the last run's from the file)."""
+        if key in self._state:
+            return self._state[key]
+        with self._rlock:
+            row = self._rconn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
     def set_state(self, key: str, value: str) -> None:
         """Keep a status value (last fix, counters…) for ``lorry-agent status``; written lazily."""
         if self._state.get(key) != value:

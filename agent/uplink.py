@@ -16,26 +16,41 @@ from typing import IO, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.backoff import backoff_delay
 from agent.config import Config
+from agent.linkrate import LinkRate
 from agent.outbox import Batch, Outbox
+from agent.profiles import STATE_KEY as USAGE_KEY
+from agent.profiles import UplinkPlan
 from agent.secrets import read_secret
 from agent.store import Store
+from agent.wire import SocketMeter
 
 log = logging.getLogger(__name__)
 
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
+JSON_CONTENT_TYPE = "application/json"
+# Fixed header (≤ 5) + topic length (2) + packet id (2) + properties (≤ 40 with a content type).
+_PUBLISH_OVERHEAD = 49
+_USAGE_SAVE_S = 10.0
 
 
 class Uplink:
     """Common bookkeeping; subclasses implement ``_serve``."""
 
-    def __init__(self, config: Config, store: Store):
+    def __init__(self, config: Config, store: Store, plan: UplinkPlan | None = None):
         self.config = config
         self.store = store
-        self.outbox = Outbox(store, max_batch=config.mqtt.max_batch, max_bytes=config.mqtt.max_message_bytes)
+        self.plan = plan
+        compact = config.mqtt.encoding == "compact"
+        # Compact messages are ~15x smaller than their JSON: the outbox's limit is in JSON bytes,
+        # the wire limit is checked on the encoded message.
+        json_limit = config.mqtt.max_message_bytes * (64 if compact else 1)
+        self.outbox = Outbox(store, max_batch=config.mqtt.max_batch, max_bytes=json_limit, plan=plan)
         self.connected = False
         self.messages_acked = 0
         self.readings_acked = 0
@@ -105,7 +120,7 @@ class ConsoleUplink(Uplink):
                 seen = self.store.wait_for_change(max(seen, self.store.durable_id), 0.2)
                 continue
             topic = json.dumps(self.config.topic(batch.stream))
-            self.out.write(f'{{"topic":{topic},"payload":{batch.payload.decode()}}}\n')
+            self.out.write(f'{{"topic":{topic},"payload":{batch.json().decode()}}}\n')
             self.out.flush()
             self._acked(batch)
 
@@ -118,25 +133,42 @@ class MqttUplink(Uplink):
     store is the queue; a new connection simply pages through it again.
     """
 
-    def __init__(self, config: Config, store: Store):
-        super().__init__(config, store)
+    def __init__(self, config: Config, store: Store, plan: UplinkPlan | None = None):
+        super().__init__(config, store, plan)
         self.status_topic = config.topic("status")
         self.commands: Any = None
         """A CommandHandler (agent/commands.py) when the command channel is configured."""
         self.connects = 0
         self.disconnects = 0
+        m = config.mqtt
+        self.rate = LinkRate(m.max_message_bytes, adaptive=m.adaptive)
+        self.meter = SocketMeter()
+        self.wire_bytes = 0
+        """Bytes on the wire since start, both directions (agent/wire.py)."""
+        self._compact = m.encoding == "compact"
+        self._ratio = 1.0 if not self._compact else 0.1
+        """Encoded bytes per JSON byte, measured: turns a wire target into an outbox budget."""
+        self._max_payload = m.max_message_bytes
+        self._usage_saved_at = 0.0
         self._inflight: dict[int, Batch] = {}
         self._connack: mqtt.ReasonCode | None = None
         self._lost = False
         self._paho_error: str | None = None
 
     def status(self) -> dict[str, Any]:
-        return super().status() | {
+        out = super().status() | {
             "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
             "connects": self.connects,
             "disconnects": self.disconnects,
             "inflight": len(self._inflight),
+            "encoding": self.config.mqtt.encoding,
+            "wire_bytes": self.wire_bytes if self.meter.available else None,
+            "link": self.rate.status() | {"inflight_bytes": self.rate.inflight_bytes,
+                                          "max_message_bytes": self._max_payload},
         }
+        if self.plan is not None:
+            out["data"] = self.plan.status()
+        return out
 
     def _serve(self) -> None:
         attempt = 0
@@ -235,18 +267,19 @@ class MqttUplink(Uplink):
         """Publish until the connection drops or we are told to stop."""
         self.outbox.reset()
         self._inflight.clear()
+        self.rate.reset()
         window = self.config.mqtt.max_inflight
         seen = self.store.durable_id
+        props = self._publish_properties()
         while not self._stop.is_set():
-            while len(self._inflight) < window:
-                batch = self.outbox.next_batch()
+            self._account(client)
+            while len(self._inflight) < window and self.rate.may_send():
+                target = self.rate.message_bytes()
+                batch = self.outbox.next_batch(max(256, int(target / self._ratio)))
                 if batch is None:
                     break
-                info = client.publish(self.config.topic(batch.stream), batch.payload, qos=1)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    self._error(f"publish failed: {mqtt.error_string(info.rc)}")
+                if not self._publish(client, batch, props):
                     return
-                self._inflight[info.mid] = batch
             busy = len(self._inflight) >= window or self.store.durable_id != seen
             seen = self.store.durable_id
             rc = client.loop(timeout=0.05 if busy or self._inflight else 0.2)
@@ -254,6 +287,50 @@ class MqttUplink(Uplink):
                 self._error(f"connection lost: {mqtt.error_string(rc) if rc else 'disconnected'}")
                 return
         self._goodbye(client)
+
+    def _publish_properties(self) -> Properties | None:
+        if self.config.mqtt.protocol != "5":
+            return None  # MQTT 3.1.1 has no properties: compact payloads announce themselves
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = compact_content_type() if self._compact else JSON_CONTENT_TYPE
+        return props
+
+    def _encode(self, batch: Batch) -> bytes:
+        if not self._compact:
+            return batch.json()
+        payload = compact_encode(batch.bodies)
+        json_len = sum(len(b) for b in batch.bodies) + batch.count + 1
+        self._ratio = 0.8 * self._ratio + 0.2 * (len(payload) / json_len)
+        return payload
+
+    def _publish(self, client: mqtt.Client, batch: Batch, props: Properties | None) -> bool:
+        """Publish one batch, split in halves while its message is over the size limit."""
+        payload = self._encode(batch)
+        if len(payload) > self._max_payload and batch.count > 1:
+            first, second = batch.halves()
+            return self._publish(client, first, props) and self._publish(client, second, props)
+        topic = self.config.topic(batch.stream)
+        info = client.publish(topic, payload, qos=1, properties=props)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._error(f"publish failed: {mqtt.error_string(info.rc)}")
+            return False
+        self._inflight[info.mid] = batch
+        self.rate.sent(info.mid, len(payload) + len(topic) + _PUBLISH_OVERHEAD)
+        return True
+
+    def _account(self, client: mqtt.Client) -> None:
+        """Bytes on the wire since the last look, charged to the active profile."""
+        n = self.meter.take(client.socket())
+        self.wire_bytes += n
+        plan = self.plan
+        if plan is None:
+            return
+        plan.tick()
+        plan.charge(n)
+        now = time.monotonic()
+        if n and now - self._usage_saved_at >= _USAGE_SAVE_S:
+            self.store.set_state(USAGE_KEY, plan.saved())
+            self._usage_saved_at = now
 
     def _goodbye(self, client: mqtt.Client) -> None:
         """Clean shutdown: wait briefly for acks in flight, then say offline ourselves."""
@@ -265,6 +342,9 @@ class MqttUplink(Uplink):
         client.disconnect()
 
     def _close(self, client: mqtt.Client) -> None:
+        self._account(client)
+        if self.plan is not None:
+            self.store.set_state(USAGE_KEY, self.plan.saved())
         if self.connected:
             self.disconnects += 1
         self.connected = False
@@ -289,6 +369,12 @@ class MqttUplink(Uplink):
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: mqtt.ReasonCode, props: Any) -> None:
         self._connack = reason
+        limit = self.config.mqtt.max_message_bytes
+        broker_max = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        if broker_max:  # MQTT 5: never send a packet the broker would disconnect us for
+            limit = min(limit, broker_max - _PUBLISH_OVERHEAD - len(self.config.topic("temperature")) - 16)
+        self._max_payload = max(256, limit)
+        self.rate.max_message = self._max_payload
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: mqtt.ReasonCode, props: Any) -> None:
         self._lost = True
@@ -303,7 +389,20 @@ class MqttUplink(Uplink):
         batch = self._inflight.pop(mid, None)
         if batch is None:
             return  # the status message
+        self.rate.acked(mid)
         if reason.is_failure:
             self._error(f"broker rejected {batch.count} {batch.stream} readings: {reason}")
             return
         self._acked(batch)
+
+
+def compact_encode(bodies: tuple[str, ...]) -> bytes:
+    from agent import compact  # only loaded when configured
+
+    return compact.encode(bodies)
+
+
+def compact_content_type() -> str:
+    from agent import compact
+
+    return compact.CONTENT_TYPE

@@ -68,8 +68,15 @@ class Backend:
             if topic.endswith("/status"):
                 continue
             if stream is None or topic.endswith("/" + stream):
-                out.append((topic, json.loads(payload)))
+                out.append((topic, json.loads(payload) if payload[:1] in (b"{", b"[") else self.decode(payload)))
         return out
+
+    @staticmethod
+    def decode(payload: bytes) -> list[dict[str, Any]]:
+        """A message's readings, JSON or compact, as the backend decodes them (agent/watch.py)."""
+        from agent.watch import decode
+
+        return decode(payload)
 
     def readings(self, stream: str | None = None) -> list[dict[str, Any]]:
         """Every reading received, batches flattened, in arrival order."""

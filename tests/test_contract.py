@@ -683,7 +683,7 @@ def _published_payloads(store: Any) -> list[tuple[str, bytes]]:
     outbox = Outbox(store, max_batch=200, max_bytes=131_072)
     out = []
     while (batch := outbox.next_batch()) is not None:
-        out.append((batch.stream, batch.payload))
+        out.append((batch.stream, batch.json()))
     return out
 
 

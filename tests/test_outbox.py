@@ -30,7 +30,7 @@ def drain(outbox: Outbox, store: Store | None = None) -> list[tuple[str, list[in
     """(stream, seqs) of each message, acknowledging as we go when a store is given."""
     out = []
     while (b := outbox.next_batch()) is not None:
-        obj = json.loads(b.payload)
+        obj = json.loads(b.json())
         out.append((b.stream, [r["seq"] for r in obj] if isinstance(obj, list) else [obj["seq"]]))
         if isinstance(obj, list):
             assert len(obj) > 1, "a lone reading is sent as an object, not a one-element array"
@@ -66,7 +66,7 @@ def test_messages_respect_the_byte_limit(store: Store) -> None:
     outbox = Outbox(store, max_batch=100, max_bytes=limit)
     msgs = []
     while (b := outbox.next_batch()) is not None:
-        assert len(b.payload) <= limit
+        assert len(b.json()) <= limit
         msgs.append(b.count)
     assert sum(msgs) == 20 and max(msgs) == 3
 

@@ -86,7 +86,7 @@ def test_held_readings_wait_then_go_out_with_their_true_time(store: Store) -> No
     store.append(Reading("temperature", GPS_MS + 5_000, {"sensor": "reefer_front", "c": 3.6}))
     store.flush()
     first = outbox.next_batch()
-    assert first is not None and json.loads(first.payload)["seq"] == 2, "the held one waits"
+    assert first is not None and json.loads(first.json())["seq"] == 2, "the held one waits"
     store.ack(first.ids)
     assert outbox.next_batch() is None
     assert store.held == 1
@@ -95,7 +95,7 @@ def test_held_readings_wait_then_go_out_with_their_true_time(store: Store) -> No
     wait_until(lambda: store.held == 0, 5, "released")
     late = outbox.next_batch()
     assert late is not None, "the outbox pages back to the released reading"
-    body = json.loads(late.payload)
+    body = json.loads(late.json())
     assert body == {"device": "D", "stream": "temperature", "seq": 1, "ts": "2026-11-18T11:05:40.000Z",
                     "sensor": "reefer_front", "c": 3.5}
 

@@ -1,0 +1,95 @@
+"""How much to put on the link: message size and bytes in flight from what the link shows.
+
+Every PUBACK gives a round-trip sample (publish → acknowledgement) and a delivery-rate sample:
+the bytes acknowledged between a message's publish and its own acknowledgement, over that
+time (as BBR does: acknowledgements arriving in one lump do not fake a fast link). The bandwidth-delay product (the fastest recent delivery rate
+× the shortest recent round trip) is what the link holds; we keep about twice that in
+flight, never less than two messages, and cut it into messages of about a quarter each.
+So a slow roaming link (256 kbit/s, 300 ms) carries a few full messages at a time and a fresh
+alarm waits behind well under a second of backlog, while a fast link gets large messages and
+a deep window. Limits: ``max_message_bytes`` (and the broker's Maximum Packet Size).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+MIN_MESSAGE = 1024
+START_INFLIGHT = 16 * 1024
+MIN_INFLIGHT = 4 * 1024
+# Samples older than this are forgotten: the link changes as the lorry moves.
+WINDOW_S = 30.0
+
+
+class LinkRate:
+    def __init__(self, max_message_bytes: int, *, adaptive: bool = True, clock: Callable[[], float] = time.monotonic):
+        self.max_message = max_message_bytes
+        self.adaptive = adaptive
+        self._clock = clock
+        self._sent: dict[int, tuple[float, int, int]] = {}
+        self._rtts: deque[tuple[float, float]] = deque()
+        self._rates: deque[tuple[float, float]] = deque()
+        self._delivered = 0
+        self.inflight_bytes = 0
+
+    def reset(self) -> None:
+        """A new connection: nothing in flight; the samples of the last one still hold."""
+        self._sent.clear()
+        self.inflight_bytes = 0
+
+    def sent(self, mid: int, nbytes: int) -> None:
+        self._sent[mid] = (self._clock(), nbytes, self._delivered)
+        self.inflight_bytes += nbytes
+
+    def acked(self, mid: int) -> None:
+        got = self._sent.pop(mid, None)
+        if got is None:
+            return
+        now = self._clock()
+        t0, nbytes, delivered_then = got
+        self.inflight_bytes -= nbytes
+        self._delivered += nbytes
+        self._rtts.append((now, now - t0))
+        if now > t0:
+            self._rates.append((now, (self._delivered - delivered_then) / (now - t0)))
+        cutoff = now - WINDOW_S
+        for q in (self._rtts, self._rates):
+            while len(q) > 1 and q[0][0] < cutoff:
+                q.popleft()
+
+    @property
+    def rtt_s(self) -> float | None:
+        return min(r for _, r in self._rtts) if self._rtts else None
+
+    @property
+    def rate_bps(self) -> float | None:
+        """Bytes per second the link has delivered at best recently."""
+        return max(r for _, r in self._rates) if self._rates else None
+
+    def inflight_limit(self) -> int:
+        if not self.adaptive:
+            return 1 << 62
+        rtt, rate = self.rtt_s, self.rate_bps
+        if rtt is None or rate is None:
+            return START_INFLIGHT
+        return max(MIN_INFLIGHT, 2 * self.message_bytes(), int(2 * rate * rtt))
+
+    def message_bytes(self) -> int:
+        """Target size of the next message (encoded)."""
+        if not self.adaptive:
+            return self.max_message
+        rtt, rate = self.rtt_s, self.rate_bps
+        if rtt is None or rate is None:
+            return min(self.max_message, START_INFLIGHT // 4)
+        return max(MIN_MESSAGE, min(self.max_message, int(rate * rtt / 2)))
+
+    def may_send(self) -> bool:
+        return self.inflight_bytes < self.inflight_limit()
+
+    def status(self) -> dict[str, float | int | None]:
+        rtt, rate = self.rtt_s, self.rate_bps
+        return {"rtt_ms": round(rtt * 1000, 1) if rtt is not None else None,
+                "rate_kbit_s": round(rate * 8 / 1000, 1) if rate is not None else None,
+                "message_bytes": self.message_bytes(), "inflight_limit_bytes": self.inflight_limit()}
