@@ -12,6 +12,7 @@ a deep window. Limits: ``max_message_bytes`` (and the broker's Maximum Packet Si
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,6 +25,8 @@ WINDOW_S = 30.0
 
 
 class LinkRate:
+    """Fed by the uplink thread; ``status`` is read from the main thread, hence the lock."""
+
     def __init__(self, max_message_bytes: int, *, adaptive: bool = True, clock: Callable[[], float] = time.monotonic):
         self.max_message = max_message_bytes
         self.adaptive = adaptive
@@ -33,6 +36,7 @@ class LinkRate:
         self._rates: deque[tuple[float, float]] = deque()
         self._delivered = 0
         self.inflight_bytes = 0
+        self._lock = threading.Lock()
 
     def reset(self) -> None:
         """A new connection: nothing in flight; the samples of the last one still hold."""
@@ -51,22 +55,25 @@ class LinkRate:
         t0, nbytes, delivered_then = got
         self.inflight_bytes -= nbytes
         self._delivered += nbytes
-        self._rtts.append((now, now - t0))
-        if now > t0:
-            self._rates.append((now, (self._delivered - delivered_then) / (now - t0)))
-        cutoff = now - WINDOW_S
-        for q in (self._rtts, self._rates):
-            while len(q) > 1 and q[0][0] < cutoff:
-                q.popleft()
+        with self._lock:
+            self._rtts.append((now, now - t0))
+            if now > t0:
+                self._rates.append((now, (self._delivered - delivered_then) / (now - t0)))
+            cutoff = now - WINDOW_S
+            for q in (self._rtts, self._rates):
+                while len(q) > 1 and q[0][0] < cutoff:
+                    q.popleft()
 
     @property
     def rtt_s(self) -> float | None:
-        return min(r for _, r in self._rtts) if self._rtts else None
+        with self._lock:
+            return min(r for _, r in self._rtts) if self._rtts else None
 
     @property
     def rate_bps(self) -> float | None:
         """Bytes per second the link has delivered at best recently."""
-        return max(r for _, r in self._rates) if self._rates else None
+        with self._lock:
+            return max(r for _, r in self._rates) if self._rates else None
 
     def inflight_limit(self) -> int:
         if not self.adaptive:

@@ -11,6 +11,7 @@ evidence is sent. The usage is kept in the store's state, so a restart does not 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,8 +27,7 @@ def month_of(wall: float) -> str:
 
 
 class UplinkPlan:
-    """Thread-safe enough for its use: the uplink thread calls everything but ``status``
-    (read-only snapshots from the main thread)."""
+    """Driven by the uplink thread; ``status`` and ``saved`` may be called from any thread."""
 
     def __init__(self, profiles: Sequence[UplinkProfileConfig], zones: Callable[[], Sequence[str]],
                  saved_usage: str | None = None, wall: Callable[[], float] = time.time,
@@ -43,6 +43,7 @@ class UplinkPlan:
         self._due: dict[str, float] = {}
         self.usage: dict[str, dict[str, int]] = {}
         """month → profile → bytes on the wire."""
+        self._lock = threading.Lock()
         if saved_usage:
             try:
                 self.usage = {m: {p: int(b) for p, b in v.items()} for m, v in json.loads(saved_usage).items()}
@@ -87,17 +88,20 @@ class UplinkPlan:
     def charge(self, nbytes: int) -> None:
         if nbytes <= 0:
             return
-        month = self.usage.setdefault(month_of(self._wall()), {})
-        month[self.active.name] = month.get(self.active.name, 0) + nbytes
-        if len(self.usage) > 3:  # this month and two before are plenty for a technician
-            for old in sorted(self.usage)[:-3]:
-                del self.usage[old]
+        with self._lock:
+            month = self.usage.setdefault(month_of(self._wall()), {})
+            month[self.active.name] = month.get(self.active.name, 0) + nbytes
+            if len(self.usage) > 3:  # this month and two before are plenty for a technician
+                for old in sorted(self.usage)[:-3]:
+                    del self.usage[old]
 
     def used(self, profile: str) -> int:
-        return self.usage.get(month_of(self._wall()), {}).get(profile, 0)
+        with self._lock:
+            return self.usage.get(month_of(self._wall()), {}).get(profile, 0)
 
     def saved(self) -> str:
-        return json.dumps(self.usage, sort_keys=True, separators=(",", ":"))
+        with self._lock:
+            return json.dumps(self.usage, sort_keys=True, separators=(",", ":"))
 
     def status(self) -> dict[str, Any]:
         month = month_of(self._wall())

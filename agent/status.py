@@ -78,6 +78,18 @@ def render(s: dict[str, Any]) -> str:
     up = s["uplink"] or {}
     lines.append(f"last publish: {s['last_publish'] or 'never'}; connected: {up.get('connected', '?')}"
                  + (f"; last error: {up['last_error']}" if up.get("last_error") else ""))
+    if up.get("link"):
+        link = up["link"]
+        wire = f"; {up['wire_bytes']:,} bytes on the wire" if up.get("wire_bytes") is not None else ""
+        lines.append(f"link: {up.get('encoding', 'json')} encoding; round trip {link.get('rtt_ms')} ms, "
+                     f"{link.get('rate_kbit_s')} kbit/s; messages up to {link.get('message_bytes')} B{wire}")
+    if up.get("data"):
+        data = up["data"]
+        lines.append(f"profile: {data['profile']} ({data['month']})"
+                     + (f"; held: {', '.join(data['held'])}" if data.get("held") else ""))
+        for name, p in data["profiles"].items():
+            budget = f" of {p['budget_bytes']:,}" if p.get("budget_bytes") else ""
+            lines.append(f"  {name:16s} {p['bytes']:,}{budget} bytes this month" + ("  OVER BUDGET" if p["over_budget"] else ""))
     for name, d in (s["drivers"] or {}).items():
         counters = ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool))
         lines.append(f"{name}: {'connected' if d.get('connected') else 'not connected'}; {counters}"
