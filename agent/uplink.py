@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent import compact
 from agent.backoff import backoff_delay
 from agent.config import Config
 from agent.linkrate import LinkRate
@@ -292,13 +293,13 @@ class MqttUplink(Uplink):
         if self.config.mqtt.protocol != "5":
             return None  # MQTT 3.1.1 has no properties: compact payloads announce themselves
         props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = compact_content_type() if self._compact else JSON_CONTENT_TYPE
+        props.ContentType = compact.CONTENT_TYPE if self._compact else JSON_CONTENT_TYPE
         return props
 
     def _encode(self, batch: Batch) -> bytes:
         if not self._compact:
             return batch.json()
-        payload = compact_encode(batch.bodies)
+        payload = compact.encode(batch.bodies)
         json_len = sum(len(b) for b in batch.bodies) + batch.count + 1
         self._ratio = 0.8 * self._ratio + 0.2 * (len(payload) / json_len)
         return payload
@@ -394,15 +395,3 @@ class MqttUplink(Uplink):
             self._error(f"broker rejected {batch.count} {batch.stream} readings: {reason}")
             return
         self._acked(batch)
-
-
-def compact_encode(bodies: tuple[str, ...]) -> bytes:
-    from agent import compact  # only loaded when configured
-
-    return compact.encode(bodies)
-
-
-def compact_content_type() -> str:
-    from agent import compact
-
-    return compact.CONTENT_TYPE

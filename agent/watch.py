@@ -15,7 +15,7 @@ per line, and problems go to stderr.
 Three layers, so each can be reused and tested alone:
 
 - :func:`decode`: one message's payload → its readings. The only place that knows payload
-  encodings (JSON today; a compact binary one is planned).
+  encodings: JSON, and the compact CBOR batches of docs/compact.md (agent/compact.py).
 - :class:`Watcher`: ``on_payload(topic, payload)`` → ``state`` (a :class:`DeviceState` per
   device) and :meth:`Watcher.render`. No MQTT, no threads of its own, never raises on bad input.
 - :class:`MqttWatch` and :func:`watch`: the paho-mqtt plumbing (connect, reconnect with
@@ -43,6 +43,8 @@ from typing import Any, TextIO
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from agent import compact
 
 SCREEN_INTERVAL_S = 2.0
 RECENT_ALARMS = 10
@@ -78,13 +80,20 @@ def _reject_constant(name: str) -> Any:
 
 
 def decode(payload: bytes, content_type: str | None = None) -> list[dict[str, Any]]:
-    """One message's readings: a JSON object (one reading) or array (a batch), in order.
+    """One message's readings, in order: a JSON object (one reading) or array (a batch), or a
+    compact batch (docs/compact.md).
 
-    ``content_type`` is the message's MQTT 5 content type, or None (MQTT 3.1.1, or not set):
-    JSON. This is the one place that knows encodings: a binary format is one more branch
-    here. Raises :class:`DecodeError` for anything that is not readings.
+    ``content_type`` is the message's MQTT 5 content type, or None (MQTT 3.1.1, or not set).
+    ``application/cbor`` is a compact batch; without a content type, so is a payload that
+    starts with the self-describe tag (bytes d9 d9 f7, which no JSON text starts with);
+    anything else is JSON. Raises :class:`DecodeError` for anything that is not readings.
     """
     kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind == compact.CONTENT_TYPE or (not kind and compact.is_compact(payload)):
+        try:
+            return compact.decode(payload)
+        except compact.CompactError as e:
+            raise DecodeError(f"content type {content_type!r}: {e}" if content_type else str(e)) from None
     if kind and kind not in JSON_CONTENT_TYPES:
         raise DecodeError(f"unsupported content type {content_type!r}")
     try:

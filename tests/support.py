@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,14 +25,19 @@ REPO = Path(__file__).resolve().parents[1]
 class Backend:
     """A persistent-session QoS 1 subscriber to ``lorry/#``: what the tracking backend sees."""
 
-    def __init__(self, port: int, *, topic: str = "lorry/#", tls: dict[str, str] | None = None, client_id: str | None = None):
+    def __init__(self, port: int, *, topic: str = "lorry/#", tls: dict[str, str] | None = None, client_id: str | None = None,
+                 mqtt5: bool = False):
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.content_types: dict[bytes, str | None] = {}
+        """MQTT 5 content type by payload (None over MQTT 3.1.1)."""
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
+        # MQTT 5 to see properties (content type); its session outlives a disconnect for an hour.
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id or f"backend-{uuid.uuid4().hex[:8]}",
-            clean_session=False,
+            clean_session=None if mqtt5 else False,
+            protocol=MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311,
         )
         if tls:
             self.client.tls_set(ca_certs=tls["ca"], certfile=tls.get("cert"), keyfile=tls.get("key"))
@@ -44,13 +51,20 @@ class Backend:
             self._subscribed.set()
 
         def on_message(c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+            content_type = getattr(msg.properties, "ContentType", None) if msg.properties else None
             with self._lock:
                 self.messages.append((msg.topic, msg.payload, msg.retain))
+                self.content_types[msg.payload] = content_type
 
         self.client.on_connect = on_connect
         self.client.on_subscribe = on_subscribe
         self.client.on_message = on_message
-        self.client.connect("127.0.0.1", port, keepalive=5)
+        if mqtt5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            self.client.connect("127.0.0.1", port, keepalive=5, clean_start=False, properties=props)
+        else:
+            self.client.connect("127.0.0.1", port, keepalive=5)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise RuntimeError("backend could not subscribe")

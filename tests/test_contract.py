@@ -41,6 +41,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 import canlog as cl
+from agent import compact
 from agent.commands import sign_command
 from agent.demo import trip
 from agent.localbroker import Mosquitto
@@ -176,9 +177,23 @@ class Contract:
         return text
 
     def problems(self, channel: str, payload: bytes) -> list[str]:
-        """Why ``payload`` matches none of the channel's messages ([] when it matches one)."""
+        """Why ``payload`` matches none of the channel's messages ([] when it matches one).
+
+        A compact message (docs/compact.md) must be offered by the channel, and each reading
+        it carries must match the channel's JSON reading message, exactly as if sent alone."""
+        if compact.is_compact(payload):
+            refs = self.message_refs(channel)
+            if "#/components/messages/compactBatch" not in refs:
+                return [f"{channel}: a compact message on a channel that does not offer one"]
+            try:
+                readings = compact.decode(payload)
+            except compact.CompactError as e:
+                return [f"compact: cannot decode: {e}"]
+            return [p for r in readings for p in self.problems(channel, json.dumps(r).encode())]
         out = []
         for ref in self.message_refs(channel):
+            if ref == "#/components/messages/compactBatch":
+                continue
             try:
                 value = self.decode(ref, payload)
             except ValueError as e:
@@ -282,7 +297,8 @@ def test_document_is_structurally_asyncapi_3(doc: dict[str, Any]) -> None:
         for key, msg in ch["messages"].items():
             assert msg["$ref"].startswith("#/components/messages/"), f"channels.{name}.messages.{key}"
             message = deref(doc, msg)
-            assert "payload" in message and message.get("contentType") in ("application/json", "text/plain")
+            assert "payload" in message and message.get("contentType") in ("application/json", "text/plain",
+                                                                           "application/cbor")
 
     # Operations: from the agent's point of view; each refers to a channel of the document and
     # to messages of that very channel; QoS 1 everywhere.
@@ -396,7 +412,11 @@ class Published:
     subscribers found retained."""
 
     def __init__(self, messages: list[tuple[str, bytes, bool]], retained_online: list[tuple[str, bytes, bool]],
-                 retained_after: list[tuple[str, bytes, bool]], will: list[tuple[str, bytes, bool]]):
+                 retained_after: list[tuple[str, bytes, bool]], will: list[tuple[str, bytes, bool]],
+                 encoding: str = "json", content_types: dict[bytes, str | None] | None = None):
+        self.encoding = encoding
+        self.content_types = content_types or {}
+        """MQTT 5 content type by payload, as the backend received it."""
         self.messages = messages
         self.retained_online = retained_online
         self.retained_after = retained_after
@@ -409,9 +429,14 @@ class Published:
         out: list[dict[str, Any]] = []
         for topic, payload, _retain in self.messages:
             if topic == f"{PREFIX}/{DEVICE}/{stream}":
-                obj = json.loads(payload)
+                obj = as_readings(payload)
                 out += obj if isinstance(obj, list) else [obj]
         return out
+
+
+def as_readings(payload: bytes) -> Any:
+    """A JSON object or array as it is; a compact message as its list of readings."""
+    return compact.decode(payload) if compact.is_compact(payload) else json.loads(payload)
 
 
 def retained_messages(port: int, topic: str, settle_s: float = 0.6) -> list[tuple[str, bytes, bool]]:
@@ -519,8 +544,11 @@ def alarms(backend: Backend, kind: str, state: str | None = None) -> list[dict[s
     return [a for a in backend.readings("alarm") if a.get("kind") == kind and (state is None or a.get("state") == state)]
 
 
-@pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
+@pytest.fixture(scope="module", params=["json", "compact"])
+def published(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Published:
+    """One run per encoding; compact over MQTT 5, so its content type is checked too."""
+    encoding = request.param
+    mqtt_extra = {"encoding": "compact", "protocol": "5"} if encoding == "compact" else {}
     tmp = tmp_path_factory.mktemp("contract")
     sections = run_sections(tmp)
     state = tmp / "state"
@@ -531,13 +559,13 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     try:
         # A persistent subscriber, then the broker goes away: the agent starts in a dead zone,
         # so its backlog goes out in batches (JSON arrays) once the broker is back.
-        Backend(broker.port, client_id="backend-contract").close()
+        Backend(broker.port, client_id="backend-contract", mqtt5=True).close()
         broker.stop()
-        cfg = agent_config(tmp, broker.port, **sections)
+        cfg = agent_config(tmp, broker.port, mqtt_extra=mqtt_extra, **sections)
         with AgentProcess(cfg) as agent:
             wait_until(lambda: depth(state / "buffer.db") >= 100, 20, "a backlog in the store")
             broker.start()
-            backend = Backend(broker.port, client_id="backend-contract")
+            backend = Backend(broker.port, client_id="backend-contract", mqtt5=True)
             wait_until(lambda: alarms(backend, "sensor_lost", "active"), 15, "sensor_lost (no DS18B20 yet)")
             set_sensor(tmp / "w1", 25_000)
             wait_until(lambda: alarms(backend, "temperature", "active"), 10, "a cold-chain excursion")
@@ -579,11 +607,26 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
         will = [m for m in backend.messages[seen:] if m[0].endswith("/status")]
         with backend._lock:
             messages = list(backend.messages)
+            content_types = dict(backend.content_types)
     finally:
         if backend is not None:
             backend.close()
         broker.stop()
-    return Published(messages, retained_online, retained_after, will)
+    return Published(messages, retained_online, retained_after, will, encoding, content_types)
+
+
+def test_readings_go_in_the_configured_encoding(published: Published) -> None:
+    """JSON by default; with ``encoding = "compact"`` every reading message is compact and,
+    over MQTT 5, says so in its content type."""
+    readings = [(t, p) for t, p, _r in published.messages
+                if t.rsplit("/", 1)[1] in ("position", "ignition", "seal", "alarm", "temperature", "can", "health")]
+    assert readings
+    for topic, payload in readings:
+        if published.encoding == "compact":
+            assert compact.is_compact(payload), topic
+            assert published.content_types.get(payload) == compact.CONTENT_TYPE, topic
+        else:
+            assert payload[:1] in (b"{", b"["), topic
 
 
 def test_every_channel_of_the_document_was_published(published: Published, contract: Contract) -> None:
@@ -619,8 +662,8 @@ def test_readings_belong_to_their_topic_and_come_single_and_batched(published: P
         channel, params = contract.channel_of(topic)
         if channel in ("status", "cmd", "cmdReply"):
             continue
-        obj = json.loads(payload)
-        forms.add("batch" if isinstance(obj, list) else "single")
+        obj = as_readings(payload)
+        forms.add("batch" if isinstance(obj, list) and len(obj) > 1 or payload[:1] == b"[" else "single")
         for r in obj if isinstance(obj, list) else [obj]:
             assert r["device"] == params["device"] and r["stream"] == topic.rsplit("/", 1)[1], (topic, r)
         if isinstance(obj, list):

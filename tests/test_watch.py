@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import watch
+from agent import compact, watch
 from agent.demo import trip
 from agent.localbroker import Mosquitto
 from agent.watch import DecodeError, SeqSet, Watcher, decode
@@ -62,10 +62,49 @@ def test_decode_json_object_and_batch() -> None:
     (b'[{"seq":1},7]', None, "batch item 2"),
     (b'{"seq":1,"c":NaN}', None, "NaN"),
     (b'{"seq":1}', "application/cbor", "content type"),
+    (b'{"seq":1}', "application/xml", "unsupported content type"),
+    (b"\xd9\xd9\xf7\xa0", None, "version"),
+    (b"\xd9\xd9\xf7garbage", "application/cbor", "content type"),
 ])
 def test_decode_refuses_what_is_not_readings(payload: bytes, content_type: str | None, why: str) -> None:
     with pytest.raises(DecodeError, match=why):
         decode(payload, content_type)
+
+
+def body(r: dict[str, Any]) -> str:
+    """JSON as the agent writes it (and as --json prints it)."""
+    return json.dumps(r, separators=(",", ":"), ensure_ascii=False)
+
+
+def alarms() -> list[dict[str, Any]]:
+    """Alarms of different kinds: different keys, different orders."""
+    return [reading("alarm", 1, kind="dtc", state="active", spn=110, fmi=0, oc=3, source_address=0,
+                    lamps={"mil": "off", "amber_warning": "on"}),
+            reading("alarm", 2, kind="seal_opened", state="raised", severity="critical", seal="rear_door",
+                    authorised=False, zones=[], position=None),
+            reading("alarm", 3, kind="temperature", state="cleared", sensor="reefer_front", side="high", limit_c=8.0,
+                    c=5.0, duration_s=3900, extreme_c=10.8, ts="2026-11-21T08:42:11.000Z")]
+
+
+def test_decode_compact_batches_with_or_without_a_content_type() -> None:
+    batch = [pos(s, ts=f"2026-11-21T08:42:{s:02d}.000Z") for s in range(1, 31)]
+    payload = compact.encode([body(r) for r in batch])
+    assert payload[:3] == b"\xd9\xd9\xf7"
+    for content_type in (None, "application/cbor", "application/CBOR; x=1"):
+        assert decode(payload, content_type) == batch
+    assert decode(compact.encode([body(a) for a in alarms()]), None) == alarms()
+
+
+def test_the_watcher_takes_compact_messages() -> None:
+    w = Watcher()
+    payload = compact.encode([body(pos(s)) for s in (1, 2, 3)])
+    assert w.on_payload(f"lorry/{DEV}/position", payload, "application/cbor") == [pos(1), pos(2), pos(3)]
+    assert w.on_payload(f"lorry/{DEV}/position", compact.encode([body(pos(4))])) == [pos(4)]
+    assert w.on_payload(f"lorry/{DEV}/position", payload[:-5]) == []
+    stats = w.state[DEV].streams["position"]
+    assert (stats.readings, stats.batches, stats.malformed, stats.summary()) == (4, 1, 1, "position: 1..4, no gaps")
+    assert stats.bytes == 2 * len(payload) - 5 + len(compact.encode([body(pos(4))]))
+    assert "MALFORMED 1 messages" in w.render()
 
 
 # -- seq bookkeeping ----------------------------------------------------------------------------
@@ -473,6 +512,62 @@ def test_reconnects_after_broker_loss_and_json_keeps_stdout_clean(broker: Mosqui
     final = last_screen(screens.out.getvalue())
     assert final.startswith(f"{time.strftime('%Y')}") and "  final ---" in final
     assert "position: 1..3, no gaps" in final and "MALFORMED 1 messages" in final and "OTHER-1" in final
+
+
+def test_json_prints_compact_messages_as_json_lines(tmp_path: Path, broker: Mosquitto) -> None:
+    """``watch --json`` prints every reading as the JSON line the agent would have sent, whatever
+    the encoding: compact with an MQTT 5 content type, compact without one (MQTT 3.1.1
+    subscribers never see content types), JSON objects and batches."""
+    from paho.mqtt.enums import MQTTProtocolVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    cli, cli_out, cli_err = watch_process(tmp_path, "--port", str(broker.port), "--json", "--for", "30")
+    v5 = InProcess(watch.Options(port=broker.port, protocol="5"), as_json=True, interval=0.2)
+    seen_types: list[str | None] = []
+    on_payload = v5.watcher.on_payload
+
+    def recording(topic: str, payload: bytes, content_type: str | None = None, retained: bool = False) -> Any:
+        seen_types.append(content_type)
+        return on_payload(topic, payload, content_type, retained)
+
+    v5.watcher.on_payload = recording  # type: ignore[method-assign]
+    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    cbor = Properties(PacketTypes.PUBLISH)
+    cbor.ContentType = compact.CONTENT_TYPE
+    positions = [pos(s, ts=f"2026-11-21T08:4{s // 60}:{s % 60:02d}.000Z", hdop=round(0.6 + s % 7 / 10, 1))
+                 for s in range(1, 201)]
+    held = pos(201, ts="2026-11-21T08:43:21.000Z") | {"ts_trusted": False}
+    sent = [  # (stream, readings, payload, MQTT 5 properties)
+        ("position", positions, compact.encode([body(r) for r in positions]), cbor),
+        ("alarm", alarms(), compact.encode([body(a) for a in alarms()]), None),
+        ("position", [held], compact.encode([body(held)]), cbor),
+        ("position", [pos(202)], body(pos(202)).encode(), None),
+        ("position", [pos(203), pos(204)], json.dumps([pos(203), pos(204)]).encode(), None),
+    ]
+    try:
+        wait_until(lambda: "subscribed to lorry/+/#" in cli_err.read_text(), 10, "watch --json subscribed")
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        for stream, _readings, payload, props in sent:
+            pub.publish(f"lorry/{DEV}/{stream}", payload, qos=1, properties=props).wait_for_publish(5)
+        expected = [body(r) for _s, readings, _p, _props in sent for r in readings]
+        wait_until(lambda: len(cli_out.read_text().splitlines()) >= len(expected), 10, "CLI --json lines")
+        wait_until(lambda: len(v5.out.getvalue().splitlines()) >= len(expected), 10, "MQTT 5 --json lines")
+        time.sleep(0.3)  # a stray line would come right behind
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(10) == 0, cli_err.read_text()
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        if cli.poll() is None:
+            cli.kill()
+        assert v5.finish() == 0
+    assert cli_out.read_text().splitlines() == expected, "byte for byte what the agent would have sent as JSON"
+    assert v5.out.getvalue().splitlines() == expected
+    assert seen_types == ["application/cbor", None, "application/cbor", None, None], "both detection paths taken"
+    assert "malformed" not in cli_err.read_text() and "malformed" not in v5.err.getvalue()
+    assert v5.watcher.state[DEV].streams["position"].summary() == "position: 1..204, no gaps"
 
 
 def test_never_connected_exits_1(tmp_path: Path) -> None:
