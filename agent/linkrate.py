@@ -4,7 +4,8 @@ Every PUBACK gives a round-trip sample (publish → acknowledgement) and a deliv
 the bytes acknowledged between a message's publish and its own acknowledgement, over that
 time (as BBR does: acknowledgements arriving in one lump do not fake a fast link). The bandwidth-delay product (the fastest recent delivery rate
 × the shortest recent round trip) is what the link holds; we keep about twice that in
-flight, never less than two messages, and cut it into messages of about a quarter each.
+flight, never less than two messages, and cut it into messages of about a quarter each
+(at least 100 ms of link time each).
 So a slow roaming link (256 kbit/s, 300 ms) carries a few full messages at a time and a fresh
 alarm waits behind well under a second of backlog, while a fast link gets large messages and
 a deep window. Limits: ``max_message_bytes`` (and the broker's Maximum Packet Size).
@@ -18,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 
 MIN_MESSAGE = 1024
+MIN_MESSAGE_S = 0.1
 START_INFLIGHT = 16 * 1024
 MIN_INFLIGHT = 4 * 1024
 # Samples older than this are forgotten: the link changes as the lorry moves.
@@ -90,7 +92,9 @@ class LinkRate:
         rtt, rate = self.rtt_s, self.rate_bps
         if rtt is None or rate is None:
             return min(self.max_message, START_INFLIGHT // 4)
-        return max(MIN_MESSAGE, min(self.max_message, int(rate * rtt / 2)))
+        # Half the bandwidth-delay product, but at least 100 ms of link time: on a fast link
+        # with a tiny round trip, per-message costs (a publish, a PUBACK) must stay amortised.
+        return max(MIN_MESSAGE, min(self.max_message, int(rate * max(rtt / 2, MIN_MESSAGE_S))))
 
     def may_send(self) -> bool:
         return self.inflight_bytes < self.inflight_limit()
