@@ -1,0 +1,138 @@
+"""Catch-up over a slow roaming link (agent/linkrate.py, agent/outbox.py), through a loopback
+relay that adds latency and limits bandwidth (agent/linksim.py), to a real mosquitto.
+
+A backlog is written into the store first (a day in the mountains, shortened), then the agent
+connects through the link: events and the newest position must come first, messages must
+fit the link and the broker's maximum packet size, and nothing may be lost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.chain import Chain
+from agent.linksim import LinkSim
+from agent.localbroker import Mosquitto
+from agent.reading import Reading
+from agent.store import Store
+from support import AgentProcess, Backend, agent_config, wait_until
+
+DEVICE = "CQ-HN-0042"
+START_MS = 1_795_000_000_000
+
+
+def backlog(db: Path, positions: int, events: int) -> None:
+    """A day's worth of buffered readings, shortened: 1 Hz positions with seal events and
+    alarms among them, written through the store (seqs and the chain as the agent makes them)."""
+    rng = random.Random(7)
+    store = Store(db, device=DEVICE, chain=Chain(DEVICE))
+    store.start()
+    lat, lon, course = 29.5630, 106.5516, 205.0
+    every = max(1, positions // max(1, events))
+    for i in range(positions):
+        course = (course + rng.gauss(0, 4)) % 360
+        lat += 0.0002 * math.cos(math.radians(course))
+        lon += 0.0002 * math.sin(math.radians(course))
+        ts = START_MS + i * 1000
+        store.append(Reading("position", ts, {"lat": round(lat, 7), "lon": round(lon, 7),
+                                              "speed_kmh": round(rng.uniform(40, 80), 2), "course": round(course, 2),
+                                              "alt_m": round(rng.uniform(200, 300), 1), "sats": rng.randint(7, 14),
+                                              "hdop": round(rng.uniform(0.6, 1.8), 1), "fix": "gps"}))
+        if i % every == every // 2:
+            store.append(Reading("seal", ts, {"seal": "container_door", "event": "opened"}, urgent=True))
+            store.append(Reading("alarm", ts, {"kind": "seal_opened", "state": "raised", "severity": "critical",
+                                               "seal": "container_door"}, urgent=True))
+    store.close()
+
+
+def last_seqs(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db) as conn:
+        return dict(conn.execute("SELECT stream, last_seq FROM streams").fetchall())
+
+
+def arrival(backend: Backend) -> list[tuple[str, list[dict[str, Any]], int]]:
+    """(stream, readings, payload bytes) per data message, in arrival order."""
+    out = []
+    with backend._lock:
+        msgs = list(backend.messages)
+    for topic, payload, _retain in msgs:
+        if topic.endswith("/status"):
+            continue
+        readings = backend.decode(payload)
+        out.append((topic.rsplit("/", 1)[1], readings, len(payload)))
+    return out
+
+
+def complete(backend: Backend, want: dict[str, int]) -> bool:
+    got: dict[str, set[int]] = {}
+    for r in backend.readings():
+        got.setdefault(r["stream"], set()).add(r["seq"])
+    return all(got.get(s, set()) >= set(range(1, n + 1)) for s, n in want.items())
+
+
+@pytest.mark.parametrize("encoding", ["json", "compact"])
+def test_backlog_over_a_slow_link_events_and_newest_first_nothing_lost(tmp_path: Path, broker: Mosquitto,
+                                                                        backend: Backend, encoding: str) -> None:
+    db = tmp_path / "state" / "buffer.db"
+    n = 3000 if encoding == "json" else 20_000
+    backlog(db, n, events=10)
+    want = last_seqs(db)
+    # 256 kbit/s and 300 ms for the compact encoding (the goal's link); JSON is ~15x bigger,
+    # so it gets a faster link to keep the test short.
+    rate = 256_000 if encoding == "compact" else 2_000_000
+    with LinkSim(broker.port, rtt_s=0.3, rate_bps=rate) as link:
+        cfg = agent_config(tmp_path, link.port, mqtt_extra={"encoding": encoding, "max_message_bytes": 16_384})
+        with AgentProcess(cfg, "--until-drained") as agent:
+            assert agent.wait(120) == 0, agent.log()[-4000:]
+        wait_until(lambda: complete(backend, want), 20, "every seq of every stream at the backend")
+        wire = link.bytes_up + link.bytes_down
+    msgs = arrival(backend)
+    streams = [s for s, _r, _n in msgs]
+    # Events first, then the newest position alone, then the backlog oldest first.
+    first_position = streams.index("position")
+    assert set(streams[:first_position]) == {"seal", "alarm"}, streams[:first_position + 2]
+    assert "seal" not in streams[first_position:] and "alarm" not in streams[first_position:]
+    newest = msgs[first_position][1]
+    assert [r["seq"] for r in newest] == [want["position"]]
+    assert [r["seq"] for r in msgs[first_position + 1][1]][0] == 1
+    # No message over the limit; the backlog went in several messages sized to the link.
+    assert max(size for _s, _r, size in msgs) <= 16_384
+    positions = [size for s, _r, size in msgs if s == "position"]
+    assert len(positions) >= 4
+    per_position = wire / want["position"]
+    if encoding == "compact":
+        assert per_position <= 15, f"{per_position:.1f} bytes on the wire per position"
+    st = json.loads(dict(sqlite3.connect(db).execute("SELECT key, value FROM state").fetchall())["status"])
+    link_state = st["uplink"]["link"]
+    # Measured, not configured: the relay's round trip is a floor for what the agent sees.
+    assert link_state["rtt_ms"] >= 290, link_state
+    assert st["uplink"]["encoding"] == encoding
+
+
+def test_messages_never_exceed_the_brokers_maximum_packet_size(tmp_path: Path) -> None:
+    """An MQTT 5 broker announces its Maximum Packet Size in CONNACK: the agent splits
+    batches below it (mosquitto would disconnect a client that sends a bigger packet)."""
+    broker = Mosquitto(tmp_path / "broker", extra_conf=["max_packet_size 3000"])
+    broker.start()
+    backend = Backend(broker.port)
+    try:
+        db = tmp_path / "state" / "buffer.db"
+        backlog(db, 1500, events=4)
+        want = last_seqs(db)
+        cfg = agent_config(tmp_path, broker.port, mqtt_extra={"protocol": "5", "max_message_bytes": 131_072})
+        with AgentProcess(cfg, "--until-drained") as agent:
+            assert agent.wait(60) == 0, agent.log()[-4000:]
+        wait_until(lambda: complete(backend, want), 20, "every seq at the backend")
+        sizes = [size for _s, _r, size in arrival(backend)]
+        assert max(sizes) <= 3000 - 60, max(sizes)
+        assert "connection lost" not in agent.log()
+    finally:
+        backend.close()
+        broker.stop()
