@@ -33,9 +33,9 @@ from typing import Any
 import sqlite_utils
 
 from agent import retention
-from agent.ballast import Ballast
 from agent.chain import CHAINED_STREAMS, Chain
 from agent.ledger import Ledger
+from agent.space import Space
 from agent.reading import Reading, encode_parts, resolved_body
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,8 @@ _MAX_BATCH = 5_000
 # Readings held in memory while the store cannot be written (disk full, failing card).
 _MAX_PENDING = 50_000
 _MAINTENANCE_S = 10.0
-# On a full disk: shed down to this share of what the data uses now, then commit in chunks.
-_EMERGENCY_KEEP = 0.7
+# On a full disk, readings are committed in chunks of this many (evidence first).
 _FULL_CHUNK = 500
-# Rows deleted per shedding transaction: bounds the WAL that giving data up needs.
-_SHED_CHUNK = 500
-# Pages returned to the filesystem per step on a full disk.
-_VACUUM_STEP = 16
 _STOP = object()
 
 
@@ -146,13 +141,8 @@ class Store:
         self.ledger = Ledger(self.path.with_name(self.path.name + ".ledger"))
         self.resumed: list[retention.Dropped] = self._resume(damaged=aside is not None)
         """Seq ranges a fresh store continued above (agent/ledger.py), reported at start."""
-        self.ballast = Ballast(self.path.with_name(self.path.name + ".reserve"))
-        # The WAL must fit in the reserve: on a full disk a checkpoint has to move it into the
-        # database (which grows by as much) before anything can be freed.
-        self._wal_bytes = max(64 * 1024, self.ballast.size() // 2)
-        page = self._wdb.execute("PRAGMA page_size").fetchone()[0]
-        self._wdb.execute(f"PRAGMA wal_autocheckpoint = {self._wal_bytes // page}")
-        self._wdb.execute(f"PRAGMA journal_size_limit = {self._wal_bytes}")
+        self.space = Space(self._wdb.conn, self.path, self._report)
+        """Size and age limits, and the full-disk reserve (agent/space.py)."""
         self.release_gen = 0
         self.releases: list[tuple[int, str, int]] = []
         """(generation, stream, lowest id) of recent releases: the outbox pages back to them."""
@@ -208,7 +198,7 @@ class Store:
     # -- writing ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.ballast.ensure(headroom=self._wal_bytes)
+        self.space.take_reserve()
         if self.ledger.needs_reserve(self._seq):
             self.ledger.reserve(self._seq, self._floors(self._seq))
         self._report(self.resumed)
@@ -374,70 +364,8 @@ class Store:
         return kept
 
     def _maintain(self, emergency: bool = False) -> None:
-        """Keep the buffer within [store] max_mb and max_age_days (agent/retention.py).
-
-        On a full disk (``emergency``): give the reserve back, fold the WAL into the database,
-        shed within the file (unless it already has room inside), return the freed pages to
-        the filesystem, and take the reserve again for the next time."""
         self._next_maintenance = time.monotonic() + _MAINTENANCE_S
-        conn = self._wdb.conn
-        try:
-            limit = self.max_bytes
-            if emergency:
-                self.ballast.release()
-                self._checkpoint()
-                used = retention.used_bytes(conn)
-                if _free_pages_bytes(conn) < (1 - _EMERGENCY_KEEP) * used:
-                    limit = int(used / retention.TARGET * _EMERGENCY_KEEP)
-            else:
-                self.ballast.ensure(headroom=self._wal_bytes)
-            if self.max_age_ms:
-                for plan in retention.plan_expiry(conn, self.max_age_ms):
-                    self._execute(plan, emergency)
-            while limit and (plan := retention.plan_shed(conn, limit)) is not None:
-                self._execute(plan, emergency)
-            if emergency:
-                self._give_back()
-                self.ballast.ensure(headroom=self._wal_bytes)
-        except sqlite3.Error as e:
-            log.error("store maintenance failed: %s", e)
-
-    def _execute(self, plan: retention.Plan, emergency: bool) -> None:
-        """Delete a plan's rows in chunks, each its own transaction, each loss reported once
-        committed; on a full disk each followed by a checkpoint so the WAL stays small."""
-        conn = self._wdb.conn
-        for k in range(0, len(plan.rows), _SHED_CHUNK):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                dropped = retention.delete(conn, plan.stream, plan.rows[k:k + _SHED_CHUNK], plan.reason)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
-                    conn.execute("ROLLBACK")
-                raise
-            self._report([dropped])
-            if emergency:
-                self._checkpoint()
-
-    def _give_back(self) -> None:
-        """Return the database's free pages to the filesystem, a few at a time: each step
-        needs WAL space for the pages it moves, and its checkpoint frees that again."""
-        conn = self._wdb.conn
-        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-        while free:
-            # executescript: sqlite3_exec steps the pragma to the end (execute() frees one page).
-            conn.executescript(f"PRAGMA incremental_vacuum({_VACUUM_STEP});")
-            self._checkpoint()
-            before, free = free, conn.execute("PRAGMA freelist_count").fetchone()[0]
-            if free >= before:  # an old store without auto_vacuum, or nothing movable
-                break
-
-    def _checkpoint(self) -> None:
-        """Copy the WAL into the database and truncate it: gives its space back."""
-        try:
-            self._wdb.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        except sqlite3.Error as e:
-            log.warning("store checkpoint failed: %s", e)
+        self.space.keep(self.max_bytes, self.max_age_ms, emergency=emergency)
 
     def _floors(self, seq: dict[str, int]) -> dict[str, int]:
         """Per stream, the lowest seq not yet acknowledged (for the ledger)."""
@@ -626,7 +554,7 @@ class Store:
             self.commit_errors += 1
             self.last_error = f"{type(e).__name__}: {e}"
             log.error("store commit failed (%s); %d readings held in memory", e, len(rows))
-            self._full = _disk_full(e, self.path)
+            self._full = self.space.disk_full(e)
             if self._full:
                 self.full_errors += 1
                 self._maintain(emergency=True)
@@ -702,24 +630,6 @@ class Store:
             n = self._rconn.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
             n -= len(self._acked)
         return n + queued
-
-
-def _free_pages_bytes(conn: sqlite3.Connection) -> int:
-    return conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
-
-
-def _disk_full(e: sqlite3.Error, path: Path) -> bool:
-    """SQLITE_FULL, or an I/O error on a filesystem with no room left (a failed WAL write)."""
-    code = getattr(e, "sqlite_errorcode", None)
-    if code == sqlite3.SQLITE_FULL:
-        return True
-    if code is not None and code & 0xFF == sqlite3.SQLITE_IOERR:
-        try:
-            st = os.statvfs(path.parent)
-            return st.f_bavail * st.f_frsize < 64 * 1024
-        except OSError:
-            return False
-    return False
 
 
 def _ranges(ids: list[int]) -> list[tuple[int, int]]:
