@@ -299,7 +299,12 @@ class MqttUplink(Uplink):
     def _encode(self, batch: Batch) -> bytes:
         if not self._compact:
             return batch.json()
-        payload = compact.encode(batch.bodies)
+        try:
+            payload = compact.encode(batch.bodies)
+        except Exception as e:  # noqa: BLE001 - a codec bug must not stall the backlog
+            # JSON is always valid on the same topics: the backend decodes both.
+            self._error(f"compact encoding failed ({type(e).__name__}: {e}); sent {batch.count} as JSON")
+            return batch.json()
         json_len = sum(len(b) for b in batch.bodies) + batch.count + 1
         self._ratio = 0.8 * self._ratio + 0.2 * (len(payload) / json_len)
         return payload

@@ -136,3 +136,29 @@ def test_messages_never_exceed_the_brokers_maximum_packet_size(tmp_path: Path) -
     finally:
         backend.close()
         broker.stop()
+
+
+def test_a_compact_encoding_failure_falls_back_to_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A codec bug must never stall the backlog: that batch goes as JSON (same topic, and the
+    backend decodes both), and the error is visible in status."""
+    from agent import uplink
+    from agent.config import load
+    from agent.outbox import Batch
+
+    cfg = load(agent_config(tmp_path, 1, mqtt_extra={"encoding": "compact"}))
+    store = Store(tmp_path / "b.db", device=DEVICE)
+    try:
+        up = uplink.MqttUplink(cfg, store)
+        bodies = ('{"device":"D","stream":"position","seq":1,"ts":"2026-11-21T08:42:10.000Z","lat":1.5}',
+                  '{"device":"D","stream":"position","seq":2,"ts":"2026-11-21T08:42:11.000Z","lat":1.6}')
+        batch = Batch("position", (1, 2), bodies)
+        assert up._encode(batch)[:3] == b"\xd9\xd9\xf7"
+
+        def broken(_bodies: Any) -> bytes:
+            raise RuntimeError("codec bug")
+
+        monkeypatch.setattr(uplink.compact, "encode", broken)
+        assert json.loads(up._encode(batch)) == [json.loads(b) for b in bodies]
+        assert "compact encoding failed" in up.status()["last_error"]
+    finally:
+        store.close()
