@@ -26,6 +26,7 @@ from agent.geo import haversine_m
 from agent.localbroker import Mosquitto
 from agent.runner import Agent
 from agent.verify import render, verify
+from agent.watch import decode
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.toml"
 # The dead zone: from the mountains south of Duyun until Hechi.
@@ -71,6 +72,8 @@ class DemoBackend:
     duplicates: int = 0
     messages: int = 0
     bytes: int = 0
+    json_bytes: int = 0
+    """What the same messages would have taken as JSON."""
     last: dict[str, Any] | None = None
     chained: list[dict[str, Any]] = field(default_factory=list)
     _pending: list[str] = field(default_factory=list)
@@ -94,11 +97,12 @@ class DemoBackend:
         if stream == "status":
             self._note(f"backend <- {msg.topic} = {msg.payload.decode()}")
             return
-        obj = json.loads(msg.payload)
-        readings = obj if isinstance(obj, list) else [obj]
+        readings = decode(msg.payload)  # JSON or compact, as a backend decodes them
+        as_json = json.dumps(readings if len(readings) > 1 else readings[0], separators=(",", ":"), ensure_ascii=False)
         with self._lock:
             self.messages += 1
             self.bytes += len(msg.payload)
+            self.json_bytes += len(as_json.encode())
             seen = self.seqs.setdefault(stream, set())
             jump = len(readings) == 1 and seen and readings[0]["seq"] > max(seen) + 1
             for r in readings:
@@ -205,7 +209,8 @@ def run_demo(*, speed: float = 1000.0, workdir: Path | None = None, out: TextIO)
     per_stream = ", ".join(f"{len(v)} {k}" for k, v in sorted(backend.seqs.items()))
     gaps = backend.gaps()
     say(f"\ndemo: {agent.policy.considered} fixes, {sent} reported by the policy; the backend has "
-        f"{per_stream} in {backend.messages} messages ({backend.bytes / 1024:.0f} KiB), "
+        f"{per_stream} in {backend.messages} messages ({backend.bytes / 1024:.0f} KiB, "
+        f"{backend.json_bytes / 1024:.0f} KiB as JSON), "
         f"{backend.duplicates} duplicates, missing seq: {sum(gaps.values())}; "
         f"took {time.monotonic() - started:.0f} s")
     chain = verify(backend.chained)
