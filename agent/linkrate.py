@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from operator import gt, lt
 
 MIN_MESSAGE = 1024
 MIN_MESSAGE_S = 0.1
@@ -24,6 +25,28 @@ START_INFLIGHT = 16 * 1024
 MIN_INFLIGHT = 4 * 1024
 # Samples older than this are forgotten: the link changes as the lorry moves.
 WINDOW_S = 30.0
+
+
+class _WindowBest:
+    """The best sample of the last ``WINDOW_S``, in O(1) per sample: read for every message
+    while a backlog drains, so never a scan of thousands of samples. A monotonic deque: a
+    sample is dropped as soon as a newer one is at least as good."""
+
+    def __init__(self, better: Callable[[float, float], bool]):
+        self._better = better
+        self._q: deque[tuple[float, float]] = deque()
+
+    def add(self, now: float, value: float) -> None:
+        q = self._q
+        while q and not self._better(q[-1][1], value):
+            q.pop()
+        q.append((now, value))
+        while q[0][0] < now - WINDOW_S:  # never the sample just added
+            q.popleft()
+
+    @property
+    def best(self) -> float | None:
+        return self._q[0][1] if self._q else None
 
 
 class LinkRate:
@@ -34,8 +57,8 @@ class LinkRate:
         self.adaptive = adaptive
         self._clock = clock
         self._sent: dict[int, tuple[float, int, int]] = {}
-        self._rtts: deque[tuple[float, float]] = deque()
-        self._rates: deque[tuple[float, float]] = deque()
+        self._rtt = _WindowBest(lt)
+        self._rate = _WindowBest(gt)
         self._delivered = 0
         self.inflight_bytes = 0
         self._lock = threading.Lock()
@@ -58,24 +81,20 @@ class LinkRate:
         self.inflight_bytes -= nbytes
         self._delivered += nbytes
         with self._lock:
-            self._rtts.append((now, now - t0))
+            self._rtt.add(now, now - t0)
             if now > t0:
-                self._rates.append((now, (self._delivered - delivered_then) / (now - t0)))
-            cutoff = now - WINDOW_S
-            for q in (self._rtts, self._rates):
-                while len(q) > 1 and q[0][0] < cutoff:
-                    q.popleft()
+                self._rate.add(now, (self._delivered - delivered_then) / (now - t0))
 
     @property
     def rtt_s(self) -> float | None:
         with self._lock:
-            return min(r for _, r in self._rtts) if self._rtts else None
+            return self._rtt.best
 
     @property
     def rate_bps(self) -> float | None:
         """Bytes per second the link has delivered at best recently."""
         with self._lock:
-            return max(r for _, r in self._rates) if self._rates else None
+            return self._rate.best
 
     def inflight_limit(self) -> int:
         if not self.adaptive:
