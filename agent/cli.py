@@ -68,9 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(path: Path) -> config_mod.Config | None:
+def _load(path: Path, *, check_sources: bool = False) -> config_mod.Config | None:
+    """The config, or None after printing every problem; ``check_sources`` also asks each
+    configured source's driver (devices, key files) as ``run`` and ``check-config`` do."""
     try:
-        return config_mod.load(path)
+        cfg = config_mod.load(path)
+        if check_sources and (problems := source_problems(cfg)):
+            raise ConfigError(path, problems)
+        return cfg
     except ConfigError as e:
         print(f"configuration error in {e.path}:", file=sys.stderr)
         for problem in e.problems:
@@ -80,14 +85,8 @@ def _load(path: Path) -> config_mod.Config | None:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     path = args.file or args.config
-    cfg = _load(path)
+    cfg = _load(path, check_sources=True)
     if cfg is None:
-        return 1
-    problems = source_problems(cfg)
-    if problems:
-        print(f"configuration error in {path}:", file=sys.stderr)
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
         return 1
     print(f"{path}: OK (device {cfg.device.id}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
           f"sources: {', '.join(cfg.sources) or 'none'})")
@@ -118,14 +117,8 @@ def source_problems(cfg: config_mod.Config) -> list[str]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args.config)
+    cfg = _load(args.config, check_sources=True)
     if cfg is None:
-        return 1
-    problems = source_problems(cfg)
-    if problems:
-        print(f"configuration error in {args.config}:", file=sys.stderr)
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
         return 1
     _setup_logging(cfg.log.level)
     from agent.runner import run
