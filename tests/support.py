@@ -226,3 +226,56 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30, what: str = "
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+DRIVER_STOP_S = 5.0
+
+
+class Running:
+    """A driver's run() in a thread, as the agent runs it; always stopped and joined."""
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"{driver.kind}-test", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.driver.run(self.stop)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+
+    def __enter__(self) -> Running:
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=DRIVER_STOP_S)
+        if exc_type is None:  # do not hide the test's own failure
+            assert not self.thread.is_alive(), "driver did not stop"
+            assert self.error is None, f"driver raised {self.error!r}"
+
+    def join(self, timeout: float = DRIVER_STOP_S) -> None:
+        """Wait for a finite driver (a replay) to end by itself."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "replay did not finish"
+        assert self.error is None, f"driver raised {self.error!r}"
+
+
+class Collector:
+    """An ``emit`` for drivers under test: keeps every reading, thread-safely."""
+
+    def __init__(self) -> None:
+        self.readings: list[Any] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, reading: Any) -> None:
+        with self._lock:
+            self.readings.append(reading)
+
+    def snapshot(self) -> list[Any]:
+        with self._lock:
+            return list(self.readings)
+

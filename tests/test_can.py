@@ -24,7 +24,8 @@ from agent.localbroker import Mosquitto
 from agent.reading import Reading, iso_ms
 from conftest import SHARED_DATA
 from drivers.can import CanBus
-from support import AgentProcess, Backend, agent_config, wait_until
+from support import AgentProcess, Backend, Running, agent_config, wait_until
+from support import Collector as _Collector
 
 WAIT_S = 5.0
 CAN_DATA = SHARED_DATA / "can"
@@ -44,48 +45,14 @@ TRUCK_RANGES = {
 }
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, reading: Reading) -> None:
-        with self._lock:
-            self.readings.append(reading)
-
+class Collector(_Collector):
     def stream(self, name: str) -> list[Reading]:
-        with self._lock:
-            return [r for r in self.readings if r.stream == name]
+        return [r for r in self.snapshot() if r.stream == name]
 
     def values(self, name: str | None = None) -> list[dict[str, Any]]:
         return [v for r in self.stream("can") for v in r.data["values"] if name is None or v["name"] == name]
 
 
-class Running:
-    """The driver's run() in a thread, as the agent runs it; always stopped and joined."""
-
-    def __init__(self, driver: CanBus) -> None:
-        self.driver = driver
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="can-test", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.driver.run(self.stop)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.error = e
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=WAIT_S)
-        if exc_type is None:
-            assert not self.thread.is_alive(), "driver did not stop"
-            assert self.error is None, f"driver raised {self.error!r}"
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:

@@ -20,6 +20,8 @@ from agent.reading import Reading, now_ms
 from agent.store import Store
 from drivers.gpio import DebouncedInput, GpioError, GpiodLine
 from drivers.ignition import GpioIgnition
+from support import Collector as _Collector
+from support import Running
 
 WAIT_S = 5.0
 MS = 1_000_000
@@ -189,45 +191,11 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = WAIT_S) -> No
         time.sleep(0.005)
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, reading: Reading) -> None:
-        with self._lock:
-            self.readings.append(reading)
-
+class Collector(_Collector):
     def states(self) -> list[bool]:
-        with self._lock:
-            return [r.data["on"] for r in self.readings]
+        return [r.data["on"] for r in self.snapshot()]
 
 
-class Running:
-    """The driver's run() in a thread, as the agent runs it; always stopped and joined."""
-
-    def __init__(self, driver: GpioIgnition) -> None:
-        self.driver = driver
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="ignition-test", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.driver.run(self.stop)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.error = e
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=WAIT_S)
-        if exc_type is None:
-            assert not self.thread.is_alive(), "driver did not stop"
-            assert self.error is None, f"driver raised {self.error!r}"
 
 
 def ignition(emit: Callable[[Reading], None], factory: Callable[[], FakeLine], debounce_ms: int = 50) -> GpioIgnition:

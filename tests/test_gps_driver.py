@@ -17,6 +17,7 @@ from agent.config import GpsConfig
 from agent.demo import trip
 from agent.reading import Reading
 from drivers.gps import NmeaGps
+from support import Running
 
 WAIT_S = 5.0
 
@@ -44,37 +45,6 @@ class Collector:
         with self._lock:
             return [r.ts_ms for r in self.readings]
 
-
-class Running:
-    """The driver's run() in a thread, as the agent runs it; always stopped and joined."""
-
-    def __init__(self, driver: NmeaGps) -> None:
-        self.driver = driver
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="gps-test", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.driver.run(self.stop)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.error = e
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=WAIT_S)
-        if exc_type is None:  # do not hide the test's own failure
-            assert not self.thread.is_alive(), "driver did not stop"
-            assert self.error is None, f"driver raised {self.error!r}"
-
-    def join(self, timeout: float = WAIT_S) -> None:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "replay did not finish"
-        assert self.error is None, f"driver raised {self.error!r}"
 
 
 TRUTH = list(trip.drive(interval_s=1, max_hours=0.01))  # 36 fixes, 1 s apart

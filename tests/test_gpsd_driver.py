@@ -22,6 +22,7 @@ import pytest
 from agent.config import GpsConfig
 from agent.reading import Reading
 from drivers.gpsd import GpsdGps
+from support import Running
 
 WAIT_S = 5.0
 SYSTEM_PYTHON = "/usr/bin/python3"  # gpsfake needs Debian's `gps` module, not in our venv
@@ -61,31 +62,6 @@ class Collector:
             return [r.ts_ms for r in self.readings]
 
 
-class Running:
-    """The driver's run() in a thread, as the agent runs it; always stopped and joined."""
-
-    def __init__(self, driver: GpsdGps) -> None:
-        self.driver = driver
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="gpsd-test", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.driver.run(self.stop)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.error = e
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=WAIT_S)
-        if exc_type is None:  # do not hide the test's own failure
-            assert not self.thread.is_alive(), "driver did not stop"
-            assert self.error is None, f"driver raised {self.error!r}"
 
 
 def driver_for(port: int, out: Collector) -> GpsdGps:

@@ -19,62 +19,27 @@ from hypothesis import strategies as st
 from agent.cargo_config import GpioSealConfig, SerialSealConfig, SimSealConfig
 from agent.clock import TimeKeeper
 from agent.reading import Reading
-from drivers.base import Driver
 from drivers.eseal import BadLine, EsealMessage, UnknownProtocol, protocol_class
 from drivers.eseal.generic import GenericProtocol, sentence
 from drivers.gpio import GpioError
 from drivers.seal_gpio import GpioSeal
 from drivers.seal_serial import SerialSeal
 from drivers.seal_sim import SimSeal
+from support import Collector as _Collector
+from support import Running
 from test_gpio import FakeChip, FakeLine, wait_for
 
-WAIT_S = 5.0
 MS = 1_000_000
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, reading: Reading) -> None:
-        with self._lock:
-            self.readings.append(reading)
-
+class Collector(_Collector):
     def events(self) -> list[str]:
-        with self._lock:
-            return [r.data["event"] for r in self.readings]
+        return [r.data["event"] for r in self.snapshot()]
 
     def pairs(self) -> list[tuple[str | None, str]]:
-        with self._lock:
-            return [(r.data["seal_id"], r.data["event"]) for r in self.readings]
+        return [(r.data["seal_id"], r.data["event"]) for r in self.snapshot()]
 
 
-class Running:
-    """The driver's run() in a thread, as the agent runs it; always stopped and joined."""
-
-    def __init__(self, driver: Driver) -> None:
-        self.driver = driver
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="seal-test", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.driver.run(self.stop)
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            self.error = e
-
-    def __enter__(self) -> Running:
-        self.thread.start()
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=WAIT_S)
-        if exc_type is None:
-            assert not self.thread.is_alive(), "driver did not stop"
-            assert self.error is None, f"driver raised {self.error!r}"
 
 
 # -- GPIO contacts ------------------------------------------------------------------------------

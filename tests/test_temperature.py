@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -19,23 +18,16 @@ from agent.clock import TimeKeeper
 from agent.reading import Reading
 from drivers.temp_ds18b20 import ERRORS, Ds18b20
 from drivers.temp_sim import SimTemperature
-from test_seals import Running, wait_for
+from support import Collector as _Collector
+from support import Running
+from test_seals import wait_for
 
 SENSOR = "28-0316a2795dff"
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.readings: list[Reading] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, reading: Reading) -> None:
-        with self._lock:
-            self.readings.append(reading)
-
+class Collector(_Collector):
     def values(self) -> list[tuple[float | None, str | None]]:
-        with self._lock:
-            return [(r.data["c"], r.data["error"]) for r in self.readings]
+        return [(r.data["c"], r.data["error"]) for r in self.snapshot()]
 
 
 def w1_slave(milli_c: int | str, crc_ok: bool = True, scratchpad: str = "72 01 4b 46 7f ff 0e 10 57") -> str:
