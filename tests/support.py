@@ -219,12 +219,13 @@ def store_depth(db: Path) -> int:
         conn.close()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = 30, what: str = "condition", *,
+               poll_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.05)
+        time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 

@@ -56,11 +56,7 @@ class Collector(_Collector):
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    wait_until(cond, timeout, what, poll_s=0.01)
 
 
 def replay(path: Path, **config: Any) -> tuple[Collector, CanBus]:

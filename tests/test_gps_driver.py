@@ -17,17 +17,13 @@ from agent.config import GpsConfig
 from agent.demo import trip
 from agent.reading import Reading
 from drivers.gps import NmeaGps
-from support import Running
+from support import Running, wait_until
 
 WAIT_S = 5.0
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    wait_until(cond, timeout, what, poll_s=0.01)
 
 
 class Collector:

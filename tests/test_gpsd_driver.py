@@ -22,7 +22,7 @@ import pytest
 from agent.config import GpsConfig
 from agent.reading import Reading
 from drivers.gpsd import GpsdGps
-from support import Running
+from support import Running, wait_until
 
 WAIT_S = 5.0
 SYSTEM_PYTHON = "/usr/bin/python3"  # gpsfake needs Debian's `gps` module, not in our venv
@@ -33,11 +33,7 @@ DATA_KEYS = {"lat", "lon", "speed_kmh", "course", "alt_m", "sats", "hdop", "fix"
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = WAIT_S, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
+    wait_until(cond, timeout, what, poll_s=0.01)
 
 
 def free_port() -> int:
