@@ -205,6 +205,17 @@ class AgentProcess:
             self.kill()
 
 
+def last_seqs(db: Path) -> dict[str, int]:
+    """Per stream, the last seq the store handed out (the backend must end up with 1..it)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(conn.execute("SELECT stream, last_seq FROM streams").fetchall())
+    finally:
+        conn.close()
+
+
 def store_depth(db: Path) -> int:
     import sqlite3
 

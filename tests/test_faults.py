@@ -13,7 +13,6 @@ Randomness is seeded: ``LORRY_FAULT_SEED`` (printed with every failure) replays 
 from __future__ import annotations
 
 import datetime as dt
-import glob
 import json
 import os
 import random
@@ -32,7 +31,7 @@ import pytest
 from agent.demo import trip
 from agent.localbroker import Mosquitto
 from agent.verify import verify
-from support import REPO, AgentProcess, Backend, agent_config, store_depth, wait_until
+from support import REPO, AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until
 
 SEED = int(os.environ.get("LORRY_FAULT_SEED", "20261121"))
 POWER_CUTS = int(os.environ.get("LORRY_POWER_CUTS", "200"))
@@ -102,10 +101,6 @@ def db_query(db: Path, sql: str) -> list[tuple]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
-
-
-def last_seqs(db: Path) -> dict[str, int]:
-    return dict(db_query(db, "SELECT stream, last_seq FROM streams"))
 
 
 def integrity(db: Path) -> str:

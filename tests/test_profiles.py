@@ -18,8 +18,8 @@ from agent.linksim import LinkSim
 from agent.localbroker import Mosquitto
 from agent.profile_config import UplinkProfileConfig
 from agent.profiles import UplinkPlan
-from support import REPO, AgentProcess, Backend, agent_config, store_depth, wait_until, write_config
-from test_slowlink import backlog, last_seqs
+from support import REPO, AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until, write_config
+from test_slowlink import backlog
 
 DEPOT = {"name": "Chongqing depot", "kind": "depot", "seal_opening": "authorised",
          "circle": {"lat": 29.4838, "lon": 106.4460, "radius_m": 1000}}

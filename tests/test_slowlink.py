@@ -22,7 +22,7 @@ from agent.linksim import LinkSim
 from agent.localbroker import Mosquitto
 from agent.reading import Reading
 from agent.store import Store
-from support import AgentProcess, Backend, agent_config, wait_until
+from support import AgentProcess, Backend, agent_config, last_seqs, wait_until
 
 DEVICE = "CQ-HN-0042"
 START_MS = 1_795_000_000_000
@@ -50,11 +50,6 @@ def backlog(db: Path, positions: int, events: int) -> None:
             store.append(Reading("alarm", ts, {"kind": "seal_opened", "state": "raised", "severity": "critical",
                                                "seal": "container_door"}, urgent=True))
     store.close()
-
-
-def last_seqs(db: Path) -> dict[str, int]:
-    with sqlite3.connect(db) as conn:
-        return dict(conn.execute("SELECT stream, last_seq FROM streams").fetchall())
 
 
 def arrival(backend: Backend) -> list[tuple[str, list[dict[str, Any]], int]]:
