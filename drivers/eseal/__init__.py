@@ -10,6 +10,7 @@ is the reference. Modules are named as strings and imported only when a config u
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
@@ -18,11 +19,22 @@ PROTOCOLS: dict[str, str] = {
 }
 
 SealState = Literal["sealed", "opened", "tampered"]
+SEAL_STATES: tuple[SealState | None, ...] = ("sealed", "opened", "tampered", None)
+SEAL_ID = re.compile(r"[A-Za-z0-9._:-]{1,32}")
+"""What a seal id may be (the number printed on the seal), whatever the protocol: the driver
+refuses a message from any protocol whose id does not match."""
 
 
 @dataclass(frozen=True, slots=True)
 class EsealMessage:
-    """What one line from a reader says about one seal."""
+    """What one line from a reader says about one seal.
+
+    There is deliberately no time in it: a seal's or reader's own clock (unset after a battery
+    change, or simply wrong) is never believed. The driver notes when the line arrived and the
+    agent stamps the event with its trusted clock; a protocol whose lines carry a time drops it.
+    The driver checks every message it is handed (``seal_id`` against ``SEAL_ID``, ``state``,
+    ``battery_pct`` an int within agent/ranges.py ``battery_pct``), whatever the protocol.
+    """
 
     seal_id: str
     state: SealState | None
@@ -32,7 +44,8 @@ class EsealMessage:
 
 class BadLine(ValueError):
     """A line that is not a valid message. ``reason`` is the status counter it goes to
-    (``bad_checksum``, ``garbage``, ``unknown_state``, ``bad_field``); the text says why."""
+    (``bad_checksum``, ``garbage``, ``unknown_state``, ``bad_field``; the driver counts any
+    other as ``garbage``); the text says why."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")

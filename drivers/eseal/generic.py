@@ -12,7 +12,8 @@ sends when no vendor module fits. ASCII, one message per line, ended by LF (CR L
 Example: ``$SEAL,ES-001234,SEALED,87*1D``. Anything before the last ``$`` is ignored (noise as a
 reader powers up). A bad line raises BadLine with its reason: ``garbage`` (no ``$...*hh``
 frame, not ASCII, not a SEAL message), ``bad_checksum``, ``unknown_state``, ``bad_field``
-(wrong field count, a bad seal id or battery value).
+(wrong field count, a bad seal id or battery value). A line carries no time: one with an
+extra field (a reader's own timestamp, say) is ``bad_field``, never a time to believe.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 from functools import reduce
 from operator import xor
 
-from drivers.eseal import BadLine, EsealMessage, SealState
+from drivers.eseal import SEAL_ID, BadLine, EsealMessage, SealState
 
 STATES: dict[str, SealState | None] = {
     "SEALED": "sealed",
@@ -30,7 +31,6 @@ STATES: dict[str, SealState | None] = {
     "CUT": "tampered",
     "HB": None,
 }
-SEAL_ID = re.compile(r"[A-Za-z0-9._:-]{1,32}")
 HEX = re.compile(rb"[0-9A-Fa-f]{2}")
 
 
