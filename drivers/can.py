@@ -8,19 +8,25 @@ decoded only when its sampler is due (see drivers/j1939/sampler.py).
 
 from __future__ import annotations
 
+import gzip
+import io
 import logging
+import re
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import can
+from can.io.player import MESSAGE_READERS
 
 from agent.backoff import backoff_delay
 from agent.config import CanConfig
 from agent.reading import Reading
+from drivers import candump
 from drivers.base import Driver, Emit
 from drivers.j1939 import dbc, spn
 from drivers.j1939.diag import DM1_PGN, VIN_PGN, DtcTracker, parse_dm1, parse_vin
@@ -30,7 +36,6 @@ from drivers.j1939.tp import TransportReassembler
 
 log = logging.getLogger(__name__)
 
-CAN_ERR_FLAG = 0x20000000
 CAN_ERR_BUSOFF = 0x40
 CAN_ERR_RESTARTED = 0x100
 RECV_TIMEOUT_S = 0.5
@@ -41,6 +46,10 @@ ALIVE_EVERY_S = 0.25
 BUS_OFF_REOPEN_S = 5.0
 # Sampled values are gathered into one `can` reading per this much bus time.
 GROUP_S = 1.0
+# Replay pacing never waits longer than this for one frame, whatever gap the capture has.
+MAX_PACE_S = 10.0
+# A live reading is dated at most this long before it is emitted (its frame's age).
+MAX_AGE_S = 60.0
 REQUESTS = {"vin": VIN_PGN, "hours": spn.HOURS, "fuel": spn.LFC1}
 
 
@@ -83,40 +92,122 @@ class _Ignored:
 IGNORED = _Ignored()
 
 
-def _capture(path: Path) -> Iterator[can.Message]:
-    """Frames of a capture file, with the capture's own times.
-
-    candump logs are read here: python-can's reader drops the class of error frames (a
-    bus-off becomes an ordinary frame with id 0x40). Everything else goes through
-    can.LogReader (.asc with absolute times, .blf, .csv, .trc…)."""
-    if path.suffix != ".log":
-        kwargs = {"relative_timestamp": False} if path.suffix == ".asc" else {}
-        yield from can.LogReader(str(path), **kwargs)
-        return
-    with open(path, encoding="ascii", errors="replace") as f:
-        for line in f:
-            msg = _candump_line(line)
-            if msg is not None:
-                yield msg
+class CaptureError(ValueError):
+    """A replay file that cannot be read: the message names the file and the accepted forms."""
 
 
-def _candump_line(line: str) -> can.Message | None:
-    """``(1700000000.123456) can0 0CF00400#FF7D…`` → a Message; None for what is not a frame."""
+SNIFF_BYTES = 64 * 1024
+SNIFF_FRAMES = 64
+ACCEPTED = f"accepted: {candump.FORMS}; or by python-can, by suffix: " + " ".join(
+    s for s in sorted(MESSAGE_READERS) if s != ".log")
+
+
+class Capture(NamedTuple):
+    path: Path
+    candump: bool
+    """candump text (read here, whatever the file's name); else python-can's reader by suffix."""
+    clock: str
+    """The Timeline mode for its times (drivers/candump.py)."""
+
+
+def open_capture(path: Path) -> Capture:
+    """What the file is, from its content: CaptureError when no frame can be read from it."""
     try:
-        stamp, _channel, frame = line.split()[:3]
-        ident, _, data = frame.partition("#")
-        can_id = int(ident, 16)
-        ts = float(stamp.strip("()"))
-        if data[:1].lower() == "r":
-            return can.Message(timestamp=ts, arbitration_id=can_id & 0x1FFFFFFF,
-                               is_extended_id=len(ident) > 3, is_remote_frame=True)
-        payload = bytes.fromhex(data)
-    except ValueError:
-        return None
-    if can_id & CAN_ERR_FLAG:
-        return can.Message(timestamp=ts, arbitration_id=can_id & 0x1FFFFFFF, is_error_frame=True,
-                           data=payload, is_extended_id=False)
-    return can.Message(timestamp=ts, arbitration_id=can_id, is_extended_id=len(ident) > 3, data=payload)
+        if not path.exists():
+            raise CaptureError(f"{path}: no such file")
+        if path.is_dir():
+            raise CaptureError(f"{path}: is a directory, not a capture file")
+        if not path.is_file():
+            raise CaptureError(f"{path}: not a regular file")
+        with _open_bytes(path) as f:
+            head = f.read(SNIFF_BYTES)
+    except (OSError, EOFError, zlib.error) as e:  # EOFError, zlib.error: a damaged .gz
+        raise CaptureError(f"{path}: cannot read it: {getattr(e, 'strerror', None) or e}") from e
+    if not head:
+        raise CaptureError(f"{path}: the file is empty")
+    text = _text(head)
+    lines = re.split(r"\r\n|\r|\n", text)  # universal newlines, as the replay reads them
+    lines = lines[:-1] if len(head) == SNIFF_BYTES else lines
+    parser = candump.Parser()
+    found = [p for p in map(parser.parse, lines) if p is not None][:SNIFF_FRAMES]
+    if found:
+        return Capture(path, True, candump.clock_of(found))
+    suffix = _suffix(path)
+    if suffix in MESSAGE_READERS and suffix != ".log":
+        _first_frame(path)
+        return Capture(path, False, "auto")
+    if "\x00" in text:
+        raise CaptureError(f"{path}: unknown format (binary, suffix {suffix or 'none'!r}); {ACCEPTED}")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    raise CaptureError(f"{path}: no frame recognised in its first lines (first: {first[:60]!r}); {ACCEPTED}")
+
+
+def _open_bytes(path: Path) -> Any:
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _text(head: bytes) -> str:
+    """The head as text: UTF-8, or UTF-16 with its BOM (as Windows tools save it)."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return head.decode("utf-16", errors="replace")
+    return head.decode("utf-8", errors="replace").lstrip("\ufeff")
+
+
+def _suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    return suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
+
+
+def _reader(path: Path) -> Any:
+    kwargs = {"relative_timestamp": False} if _suffix(path) == ".asc" else {}
+    return can.LogReader(str(path), **kwargs)
+
+
+def _first_frame(path: Path) -> None:
+    reader = None
+    try:
+        reader = _reader(path)
+        if next(iter(reader), None) is None:
+            raise CaptureError(f"{path}: python-can read no frame from it; {ACCEPTED}")
+    except CaptureError:
+        raise
+    except Exception as e:  # noqa: BLE001 - python-can's readers raise many types for a bad file
+        raise CaptureError(f"{path}: python-can cannot read it ({type(e).__name__}: {e}); {ACCEPTED}") from e
+    finally:
+        if reader is not None:
+            try:
+                reader.stop()
+            except Exception:  # noqa: BLE001 - closing a half-read file
+                pass
+
+
+def _frames(capture: Capture, parser: candump.Parser) -> Iterator[can.Message]:
+    """Every frame of the capture, with the times written in it (judged by the Timeline)."""
+    if not capture.candump:
+        reader = None
+        try:
+            reader = _reader(capture.path)
+            yield from reader
+        except Exception as e:  # noqa: BLE001 - a reader failing mid-file: the replay cannot go on
+            raise CaptureError(f"{capture.path}: python-can stopped reading it: {type(e).__name__}: {e}") from e
+        finally:
+            if reader is not None:
+                reader.stop()
+        return
+    with _open_bytes(capture.path) as raw:
+        bom = raw.read(2)
+        raw.seek(0)
+        encoding = "utf-16" if bom in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+        with io.TextIOWrapper(raw, encoding=encoding, errors="replace") as f:
+            try:
+                for line in f:
+                    p = parser.parse(line)
+                    if p is not None:
+                        yield p.msg
+            except (OSError, EOFError, zlib.error) as e:  # the frames before it were replayed
+                raise CaptureError(f"{capture.path}: reading stopped: {e}") from e
 
 
 class CanBus(Driver):
@@ -135,7 +226,11 @@ class CanBus(Driver):
         self.counters = {
             "frames": 0, "decoded_values": 0, "unknown_frames": 0, "non_j1939_frames": 0,
             "error_frames": 0, "bus_off": 0, "opens": 0, "open_failures": 0, "requests_sent": 0,
+            "bad_timestamp": 0, "time_jumps": 0, "pacing_capped": 0,
         }
+        self.times = candump.Timeline("live", self.counters)
+        self.capture: Capture | None = None
+        self._parser = candump.Parser()
         self.connected = False
         self.last_error: str | None = None
         self.ignition: bool | None = None
@@ -163,8 +258,11 @@ class CanBus(Driver):
                     f"[can.signals.{name}]: unknown signal; built-in: {', '.join(spn.BY_NAME)}"
                     + (f"; from the DBC files: {', '.join(sorted(known_dbc))}" if known_dbc else "")
                 )
-        if config.interface == "replay" and config.replay is not None and not config.replay.exists():
-            problems.append(f"[can] replay: no such file {config.replay}")
+        if config.interface == "replay" and config.replay is not None:
+            try:
+                open_capture(config.replay)
+            except CaptureError as e:
+                problems.append(f"[can] replay: {e}")
         return problems
 
     def run(self, stop: threading.Event) -> None:
@@ -212,6 +310,9 @@ class CanBus(Driver):
                 {"spn": d.spn, "fmi": d.fmi, "oc": d.oc, "source_address": sa} for sa, d in self.dtcs.active_with_sa()
             ],
             **self.counters,
+            # Whether readings carry the capture's times or the agent's clock dates them.
+            "capture_clock": None if self.capture is None else ("capture" if self.times.trusted else "agent"),
+            "skipped_lines": dict(self._parser.counts),
             "transport": dict(vars(self.tp.counters)),
         }
 
@@ -222,21 +323,39 @@ class CanBus(Driver):
 
     def _live(self, bus: can.BusABC, stop: threading.Event) -> Iterator[can.Message | None]:
         recv = bus.recv
-        while not stop.is_set():
-            yield recv(RECV_TIMEOUT_S)
+
+        def received() -> Iterator[can.Message | None]:
+            while not stop.is_set():
+                yield recv(RECV_TIMEOUT_S)
+
+        return self.times.frames(received())
 
     def _replay(self, stop: threading.Event) -> Iterator[can.Message | None]:
+        """The capture's frames with believable times, paced by ``replay_speed``: a wait is
+        never negative and never longer than MAX_PACE_S (a capture's gap or a jump)."""
+        try:
+            capture = self.capture = open_capture(self.config.replay)
+        except CaptureError as e:
+            self._problem(str(e), True)
+            raise
+        self.times = candump.Timeline(capture.clock, self.counters)
         speed = self.config.replay_speed
         self.connected = True
         start: tuple[float, float] | None = None
-        for msg in _capture(self.config.replay):
+        for msg in self.times.frames(_frames(capture, self._parser)):
             if stop.is_set():
                 return
-            if speed > 0:
-                if start is None:
-                    start = (time.monotonic(), msg.timestamp)
-                due = start[0] + (msg.timestamp - start[1]) / speed
-                if stop.wait(max(0.0, due - time.monotonic())):
+            if speed > 0 and msg is not None:
+                ts = msg.timestamp
+                now = time.monotonic()
+                if start is None or ts < start[1]:
+                    start = (now, ts)
+                delay = start[0] + (ts - start[1]) / speed - now
+                if delay > MAX_PACE_S:
+                    self.counters["pacing_capped"] += 1
+                    delay = MAX_PACE_S
+                    start = (now + delay, ts)
+                if delay > 0 and stop.wait(delay):
                     return
             yield msg
 
@@ -253,6 +372,8 @@ class CanBus(Driver):
             counters["frames"] += 1
             ts = msg.timestamp
             if ts - seen > ALIVE_EVERY_S or ts < seen:
+                if ts < seen - candump.BACK_S:
+                    self._rewound()
                 seen = ts
                 self._alive(ts, bus)
             h = get(msg.arbitration_id)
@@ -369,6 +490,17 @@ class CanBus(Driver):
 
     # -- bus state ---------------------------------------------------------------------------
 
+    def _rewound(self) -> None:
+        """Bus time went back (a capture restarted, the clock stepped; the Timeline confirmed
+        it): what waits for a later time would wait forever."""
+        for h in self._by_group.values():
+            if h.__class__ is not _Ignored:
+                h.due = float("-inf")
+                for p in getattr(h, "params", ()):
+                    p.sampled.next_check = float("-inf")
+        self.tp.expire(float("inf"))
+        self._last_frame_ts = None
+
     def _error_frame(self, msg: can.Message) -> None:
         self.counters["error_frames"] += 1
         if msg.arbitration_id & CAN_ERR_BUSOFF:
@@ -436,7 +568,14 @@ class CanBus(Driver):
         if self._live_clock:
             # python-can stamps live frames with the system clock, which a Pi without RTC
             # cannot trust: carry the monotonic instant and let the agent's clock stamp it.
-            mono = time.monotonic_ns() - int(max(0.0, time.time() - ts) * 1e9)
-            self.emit(Reading(stream, None, data, urgent=urgent, meta={"mono_ns": mono}))
-        else:
+            age = min(max(0.0, time.time() - ts), MAX_AGE_S)
+            self.emit(Reading(stream, None, data, urgent=urgent, meta={"mono_ns": time.monotonic_ns() - int(age * 1e9)}))
+        elif self.times.trusted:
             self.emit(Reading(stream, int(ts * 1000), data, urgent=urgent, meta={"replay": True}))
+        else:
+            # Times counted from the capture's start (-tz, -td, none, an uptime) or without a
+            # zone (-tA) date nothing: the agent's clock dates the reading as it is replayed.
+            speed = self.config.replay_speed
+            age = min(max(0.0, (self._last_frame_ts or ts) - ts) / speed, MAX_AGE_S) if speed > 0 else 0.0
+            meta = {"mono_ns": time.monotonic_ns() - int(age * 1e9), "replay": True}
+            self.emit(Reading(stream, None, data, urgent=urgent, meta=meta))

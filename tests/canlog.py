@@ -394,6 +394,55 @@ def write_log(path: str | Path, frames: Iterable[Frame], channel: str = "can0") 
     return path
 
 
+def screen_line(f: Frame, stamp: str | None = None, channel: str = "can0") -> str:
+    """One line as candump prints it on screen (``candump can0`` with ``-ta``/``-td``/``-tz``/
+    ``-tA`` or without a time): `` (000.020000)  can0  0CF00400   [8]  FF 7D 7D E0 15 FF F0 FF``;
+    ``stamp`` is the text between the brackets."""
+    if f.error:
+        ident = f"{CAN_ERR_FLAG | f.can_id:08X}"
+    else:
+        ident = f"{f.can_id:08X}" if f.extended else f"{f.can_id:03X}"
+    body = " ".join(f"{b:02X}" for b in f.data) + ("   ERRORFRAME" if f.error else "")
+    head = f" ({stamp}) " if stamp is not None else " "
+    return f"{head} {channel}  {ident:>8}   [{len(f.data)}]  {body}".rstrip()
+
+
+SCREEN_TIMES = ("ta", "td", "tz", "tA", "none")
+
+
+def screen_stamps(frames: list[Frame], times: str) -> list[str | None]:
+    """The time candump prints for each frame with ``-ta`` (absolute), ``-td`` (delta to the
+    previous frame), ``-tz`` (from the first frame), ``-tA`` (date and time, here in UTC) or
+    ``none``."""
+    out: list[str | None] = []
+    for i, f in enumerate(frames):
+        us = round(f.ts * 1e6)
+        if times == "ta":
+            out.append(f"{us // 10**6:010d}.{us % 10**6:06d}")
+        elif times in ("td", "tz"):
+            ref = round(frames[max(i - 1, 0) if times == "td" else 0].ts * 1e6)
+            d = us - ref
+            out.append(f"{d // 10**6:03d}.{d % 10**6:06d}")
+        elif times == "tA":
+            out.append(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(us // 10**6)) + f".{us % 10**6:06d}")
+        else:
+            out.append(None)
+    return out
+
+
+def write_screen(path: str | Path, frames: Iterable[Frame], times: str = "ta", *, numbered: bool = False,
+                 crlf: bool = False, channel: str = "can0") -> Path:
+    """candump's screen output saved to a file (``candump -tz can0 > x.txt``); ``numbered``
+    prefixes ``cat -n`` line numbers."""
+    frames = list(frames)
+    lines = [screen_line(f, s, channel) for f, s in zip(frames, screen_stamps(frames, times))]
+    if numbered:
+        lines = [f"{i:6d}\t{line}" for i, line in enumerate(lines, 1)]
+    path = Path(path)
+    path.write_bytes("".join(line + ("\r\n" if crlf else "\n") for line in lines).encode("ascii"))
+    return path
+
+
 def message(f: Frame, channel: str | int | None = None) -> can.Message:
     if f.error:
         return can.Message(timestamp=f.ts, arbitration_id=f.can_id, is_error_frame=True, channel=channel,
