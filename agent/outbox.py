@@ -66,6 +66,12 @@ class Outbox:
         self._release_seen = self.store.release_gen
         self._plan_seen = -1
 
+    def rewind(self, batch: Batch) -> None:
+        """This batch is due again (the broker refused it as it was): page back to it."""
+        if batch.ids[0] <= self._cursor.get(batch.stream, 0):
+            self._cursor[batch.stream] = batch.ids[0] - 1
+        self._idle_at = -1
+
     def next_batch(self, max_bytes: int | None = None) -> Batch | None:
         """The next message's readings, at most ``max_bytes`` of JSON (default: the limit)."""
         if self.store.release_gen != self._release_seen:

@@ -97,7 +97,7 @@ class Agent:
         if config.commands.key_file is not None and isinstance(self.uplink, MqttUplink):
             self.uplink.commands = CommandHandler(
                 config.device.id, read_key(config.commands.key_file), self.clock, self._command_actions(),
-                window_s=config.commands.window_s,
+                window_s=config.commands.window_s, state_path=self.store.path.with_name(self.store.path.name + ".commands"),
             )
         self.notifier = Notifier()
         self.started_wall = time.time()

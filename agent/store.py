@@ -237,6 +237,44 @@ class Store:
         if big:
             self._q.put(None)
 
+    def set_aside(self, stream: str, ids: Iterable[int], reason: str, *, announce: bool = True,
+                  timeout: float = 5.0) -> bool:
+        """Give up readings that can never be delivered (agent/uplink.py: too large for the
+        broker): announced as a ``data_dropped`` alarm per seq run, then deleted like an
+        acknowledgement. The alarm is committed durably first, so a power cut in between can
+        announce them twice, never lose them silently. ``announce`` False only counts and logs
+        (for a ``data_dropped`` alarm that is itself undeliverable: another would be too).
+        Returns False, keeping the rows, when the announcement could not be made durable."""
+        wanted = sorted(set(ids))
+        rows: list[tuple[int, int]] = []
+        with self._rlock:
+            for k in range(0, len(wanted), 500):
+                chunk = wanted[k:k + 500]
+                rows += self._rconn.execute(
+                    f"SELECT id, seq FROM readings WHERE stream = ? AND id IN ({','.join('?' * len(chunk))})",
+                    (stream, *chunk)).fetchall()
+        if not rows:
+            return True
+        rows.sort(key=lambda r: r[1])
+        runs: list[list[int]] = []
+        for _id, seq in rows:
+            if runs and seq == runs[-1][1] + 1:
+                runs[-1][1] = seq
+            else:
+                runs.append([seq, seq])
+        dropped = [retention.Dropped(stream, hi - lo + 1, lo, hi, reason) for lo, hi in runs]
+        if announce:
+            self._report(dropped)
+            if not self.flush(timeout):
+                log.error("store: %d %s readings not set aside: their announcement is not durable yet",
+                          len(rows), stream)
+                return False
+        else:
+            self.dropped[stream] = self.dropped.get(stream, 0) + len(rows)
+            log.warning("store: dropped %d %s readings (%s), not announced", len(rows), stream, reason)
+        self.ack(r[0] for r in rows)
+        return True
+
     @property
     def acks_waiting(self) -> int:
         """Acknowledged rows not yet deleted; the uplink pauses when the writer falls behind."""

@@ -185,3 +185,207 @@ def test_broker_acl_confines_each_device_to_its_own_topics(tmp_path: Path) -> No
             c.disconnect()
     finally:
         broker.stop()
+
+
+# -- replays across restarts: the nonce record (<store>.commands) --------------------------------
+
+
+class Clock:
+    """A trusted clock whose time moves only when the test says so."""
+
+    def __init__(self, now_ms: int = NOW):
+        self.mono = 10**12
+        self.keeper = TimeKeeper(trust_system_clock="never", mono_ns=lambda: self.mono)
+        self.keeper.observe_gps(now_ms, self.mono)
+
+    def advance(self, seconds: float) -> None:
+        self.mono += int(seconds * 1e9)
+
+    @property
+    def now_ms(self) -> int:
+        return self.keeper.stamp().ts_ms
+
+
+def agent_handler(record: Path, clock: Clock, ran: list[str] | None = None) -> CommandHandler:
+    """A handler as the agent builds it at start (one per run), on the same record file."""
+    def ping(_args: dict) -> dict:
+        if ran is not None:
+            ran.append("ping")
+        return {"pong": True}
+
+    return CommandHandler("CQ-HN-0042", KEY, clock.keeper, {"ping": ping}, window_s=300, state_path=record)
+
+
+def test_a_command_replayed_after_a_restart_is_refused(tmp_path: Path) -> None:
+    record = tmp_path / "buffer.db.commands"
+    clock = Clock()
+    captured = command("ping", ts=clock.now_ms, nonce="captured-0001")
+    assert agent_handler(record, clock).handle(captured)["ok"] is True
+    clock.advance(20)  # the agent restarts 20 s later: well inside the 300 s window
+    again = agent_handler(record, clock)
+    assert again.handle(captured)["error"] == "replayed: this nonce was already used"
+    assert again.handle(command("ping", ts=clock.now_ms))["ok"] is True, "fresh commands still run"
+
+
+DAMAGE = {
+    "deleted": None,
+    "empty": b"",
+    "garbage": bytes(range(256)) * 4,
+    "truncated": "take the first half",
+    "bit flip in a nonce": "flip",
+    "wrong types": b'{"version":1,"floor":"x","nonces":[1,2],"sha256":"0"}',
+    "nested": b"[" * 200_000,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_replay_after_the_record_is_lost_or_damaged_is_refused(tmp_path: Path, damage: str) -> None:
+    """A power cut or a failing card may take the record: a command signed before this start
+    cannot be told from a replay and is refused; one signed after it runs."""
+    record = tmp_path / "buffer.db.commands"
+    clock = Clock()
+    captured = command("ping", ts=clock.now_ms, nonce="captured-0002")
+    assert agent_handler(record, clock).handle(captured)["ok"] is True
+    text = record.read_bytes()
+    assert b"captured-0002" in text
+    how = DAMAGE[damage]
+    if how is None:
+        record.unlink()
+    elif how == "take the first half":
+        record.write_bytes(text[: len(text) // 2])
+    elif how == "flip":
+        record.write_bytes(text.replace(b"captured-0002", b"captured-0003"))
+    else:
+        record.write_bytes(how)
+    clock.advance(5)
+    ran: list[str] = []
+    restarted = agent_handler(record, clock, ran)
+    refused = restarted.handle(captured)
+    assert refused["ok"] is False and refused["error"].startswith("replayed? signed before the agent started")
+    assert ran == []
+    clock.advance(1)
+    fresh = command("ping", ts=clock.now_ms)
+    assert restarted.handle(fresh)["ok"] is True and ran == ["ping"]
+    # And after one more restart (the record is sound again, and keeps the start as its floor):
+    clock.advance(5)
+    third = agent_handler(record, clock, ran)
+    assert third.handle(captured)["ok"] is False, "the command captured before the loss still cannot replay"
+    assert third.handle(fresh)["error"] == "replayed: this nonce was already used"
+    assert ran == ["ping"]
+
+
+def test_the_nonce_is_on_disk_and_fsynced_before_the_action_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from agent import commands as commands_module
+
+    record = tmp_path / "buffer.db.commands"
+    events: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(commands_module.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+
+    def ping(_args: dict) -> dict:
+        events.append("action")
+        assert b"on-disk-nonce-1" in record.read_bytes(), "the nonce is in the record before the action"
+        return {"pong": True}
+
+    clock = Clock()
+    h = CommandHandler("CQ-HN-0042", KEY, clock.keeper, {"ping": ping}, window_s=300, state_path=record)
+    assert h.handle(command("ping", ts=clock.now_ms, nonce="on-disk-nonce-1"))["ok"] is True
+    assert events == ["fsync", "fsync", "action"], "file and folder fsynced, then the action"
+
+
+def test_a_command_whose_nonce_cannot_be_recorded_does_not_run(tmp_path: Path) -> None:
+    (tmp_path / "not-a-folder").write_text("")
+    ran: list[str] = []
+    h = agent_handler(tmp_path / "not-a-folder" / "buffer.db.commands", Clock(), ran)
+    reply = h.handle(command("ping"))
+    assert reply["ok"] is False and reply["error"].startswith("cannot record the nonce")
+    assert ran == []
+
+
+def test_the_record_stays_bounded(tmp_path: Path) -> None:
+    record = tmp_path / "buffer.db.commands"
+    clock = Clock()
+    h = agent_handler(record, clock)
+    for _ in range(120):  # a command every 10 s for 20 minutes: only the last 300 s are kept
+        assert h.handle(command("ping", ts=clock.now_ms))["ok"] is True
+        clock.advance(10)
+    kept = json.loads(record.read_text())["nonces"]
+    assert 29 <= len(kept) <= 31
+    burst = [h.handle(command("ping", ts=clock.now_ms)) for _ in range(1_100)]
+    assert sum(r["ok"] for r in burst) + len(kept) <= 1_000 + 31
+    assert burst[-1]["error"].startswith("too many commands in the time window")
+    assert record.stat().st_size < 100_000
+
+
+def operator_config(tmp: Path, port: int) -> Path:
+    key = tmp / "command.key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
+    # The system clock as trusted time (a real lorry's moves on across a restart; a replayed
+    # GPS capture's would not), and a reading a second so the status is saved.
+    return agent_config(tmp, port, commands={"key_file": str(key)}, time={"trust_system_clock": "always"},
+                        health={"interval_s": 1})
+
+
+def answering(op: Operator, what: str) -> None:
+    """Ping until the agent answers one (it only gets commands sent after it subscribed)."""
+    def ok() -> bool:
+        payload = command("ping", ts=int(time.time() * 1000))
+        want = json.loads(payload)["id"]
+        op.client.publish(op.topic, payload, qos=1)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            if any(r["id"] == want and r["ok"] for r in op.replies):
+                return True
+            time.sleep(0.05)
+        return False
+
+    wait_until(ok, 30, what)
+
+
+def send_raw(op: Operator, payload: bytes) -> dict:
+    want = json.loads(payload)["id"]
+    before = len([r for r in op.replies if r["id"] == want])
+    op.client.publish(op.topic, payload, qos=1)
+    wait_until(lambda: len([r for r in op.replies if r["id"] == want]) > before, 15, "a reply")
+    return [r for r in op.replies if r["id"] == want][-1]
+
+
+def test_a_captured_command_cannot_be_replayed_after_a_restart_or_a_power_cut(tmp_path: Path, broker: Mosquitto) -> None:
+    """The real agent, restarted on the same store: cleanly (SIGTERM), after a power cut
+    (SIGKILL), and after a power cut that also lost the record file or left garbage in it."""
+    cfg = operator_config(tmp_path, broker.port)
+    record = tmp_path / "state" / "buffer.db.commands"
+    op = Operator(broker.port)
+    try:
+        with AgentProcess(cfg) as agent:
+            answering(op, "the agent answering")
+            captured = command("set_profile", ts=int(time.time() * 1000), profile="parked")
+            assert send_raw(op, captured)["ok"] is True
+            assert agent.terminate() == 0
+        for restart in ("sigterm", "sigkill", "record deleted", "record garbage"):
+            with AgentProcess(cfg) as agent:
+                answering(op, f"answering after {restart}")
+                replay = send_raw(op, captured)
+                assert replay["ok"] is False, (restart, replay)
+                if restart in ("sigterm", "sigkill"):  # the record tells
+                    assert replay["error"] == "replayed: this nonce was already used"
+                else:  # the record is gone: signed before this start, so refused
+                    assert replay["error"].startswith("replayed? signed before the agent started"), replay
+                assert sign_command(KEY, replay) == replay
+                assert agent.proc.poll() is None
+                if restart == "sigterm":
+                    agent.kill()  # next: restarted after a power cut
+                elif restart == "sigkill":
+                    agent.kill()
+                    assert record.exists(), "the record lives next to the store"
+                    record.unlink()
+                elif restart == "record deleted":
+                    agent.kill()
+                    record.write_bytes(b"\x00" * 37 + b'{"version":1')
+                else:
+                    agent.terminate()
+    finally:
+        op.close()
