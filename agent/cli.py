@@ -30,9 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent (the systemd service runs this)")
     with_config(run)
     run.add_argument("--dry-run", action="store_true",
-                     help="publish nothing: print each message as a JSON line, exit when replays end")
+                     help="publish nothing: print each message as a JSON line, exit when replays end "
+                          "(1 if a source's driver crashed)")
     run.add_argument("--until-drained", action="store_true",
-                     help="exit once every replay has ended and the broker has acknowledged everything")
+                     help="exit once every replay has ended (live sources stop with them) and the broker has "
+                          "acknowledged everything (1 if a source's driver crashed)")
     run.set_defaults(func=_cmd_run)
 
     check = sub.add_parser("check-config", help="validate a configuration file (exit 0 if usable)")
@@ -94,25 +96,24 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def source_problems(cfg: config_mod.Config) -> list[str]:
-    """What each configured source's driver finds wrong with its section."""
+    """Everything ``run`` needs that the schema cannot see: each file and device key by its
+    role, what is in the files (agent/config.py `usable_problems`), then what each configured
+    source's driver finds wrong with its section, once its files are usable."""
     from agent.runner import driver_for
 
-    from agent.chain import read_key
-    from agent.secrets import secret_problem
-
-    problems = []
+    problems = config_mod.usable_problems(cfg)
+    reported = {p.split(": ", 1)[0] for p in problems}
     for name in cfg.sources:
-        cls, section = driver_for(cfg, name)
-        problems += cls.check(section)
-    for where, path in (("[chain] hmac_key_file", cfg.chain.hmac_key_file), ("[commands] key_file", cfg.commands.key_file)):
+        kind, _, item = name.partition(":")
+        if any(w.startswith(f"[{kind}]") or (item and w.startswith(f"[{kind} #") and f" ({item})]" in w)
+               for w in reported):
+            continue  # its files are not usable: the driver's own check would only trip on them
         try:
-            read_key(path)
-        except (OSError, ValueError) as e:
-            problems.append(f"{where}: {e}")
-    tls = cfg.mqtt.tls
-    for where, path in (("[mqtt] password_file", cfg.mqtt.password_file), ("[mqtt.tls] key_file", tls and tls.key_file)):
-        if path is not None and (problem := secret_problem(path)) is not None:
-            problems.append(f"{where}: {problem}")
+            cls, section = driver_for(cfg, name)
+            found = cls.check(section)
+        except Exception as e:  # noqa: BLE001 - a check that trips is a problem to show, not a traceback
+            found = [f"[{name}]: cannot be checked: {type(e).__name__}: {e}"]
+        problems += found
     return problems
 
 
@@ -122,7 +123,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     _setup_logging(cfg.log.level)
     from agent.runner import run
-    return run(cfg, dry_run=args.dry_run, until_drained=args.until_drained)
+    from agent.storelock import StoreLocked
+
+    try:
+        return run(cfg, dry_run=args.dry_run, until_drained=args.until_drained)
+    except StoreLocked as e:  # another agent writes this store: say who, and stop
+        print(f"lorry-agent: {e}", file=sys.stderr)
+        return 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -10,13 +10,26 @@ from agent.reading import Reading
 from drivers.base import Driver
 
 
+def driver_status(driver: Driver) -> dict[str, Any]:
+    """The driver's ``status()``; a driver whose status fails says so instead of taking the
+    agent's status (or the health reading) down with it."""
+    try:
+        return dict(driver.status())
+    except Exception as e:  # noqa: BLE001 - a driver bug is reported, not propagated
+        return {"status_error": f"{type(e).__name__}: {e}"}
+
+
 def health_reading(*, started_mono: float, clock: TimeKeeper, drivers: list[Driver], pipeline_status: dict[str, Any],
-                   pending: int, time_pending: int) -> Reading:
+                   pending: int, time_pending: int, sources: dict[str, dict[str, Any]] | None = None) -> Reading:
     """Sources' state, satellites per constellation, buffer and clock; stamped like any
-    reading without a time of its own (see agent/pipeline.py)."""
+    reading without a time of its own (see agent/pipeline.py).
+
+    ``sources``: per source, how its driver thread fared (agent/runner.py SourceHealth). The
+    reading then says which sources' drivers were restarted, how often (``restarts``), and
+    which replays died (``dead_sources``); both are absent while every driver runs well."""
     data: dict[str, Any] = {"uptime_s": int(time.monotonic() - started_mono)}
     for d in drivers:
-        st = d.status()
+        st = driver_status(d)
         if d.kind == "gps":
             data["gps"] = {
                 "connected": st.get("connected"),
@@ -51,4 +64,9 @@ def health_reading(*, started_mono: float, clock: TimeKeeper, drivers: list[Driv
     rejected = pipeline_status.get("fix_filter") or {}
     if rejected:
         data["fixes_rejected"] = rejected
+    sources = sources or {}
+    if restarts := {s: h["restarts"] for s, h in sources.items() if h.get("restarts") or h.get("crashes")}:
+        data["restarts"] = restarts
+    if dead := [s for s, h in sources.items() if h.get("dead")]:
+        data["dead_sources"] = dead
     return Reading("health", None, data, meta={"mono_ns": time.monotonic_ns()})

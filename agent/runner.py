@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,7 +24,7 @@ from agent.chain import Chain, read_key
 from agent.commands import CommandError, CommandHandler
 from agent.clock import TimeKeeper
 from agent.config import Config
-from agent.health import health_reading
+from agent.health import driver_status, health_reading
 from agent.pipeline import Pipeline
 from agent.reading import Reading, iso_ms
 from agent.store import Store
@@ -36,6 +37,29 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "status"
 TICK_S = 1.0
+RESTART_BACKOFF_S = (1.0, 60.0)
+"""A crashed driver is restarted after this capped, jittered backoff (first, longest)."""
+STEADY_S = 60.0
+"""A driver that ran this long before crashing starts its backoff from the first step again."""
+DRIVER_STOP_S = 5.0
+"""How long a driver may take to notice it is told to stop."""
+
+
+@dataclass
+class SourceHealth:
+    """How a source's driver thread has fared: restarts are counted, never silent."""
+
+    finite: bool
+    crashes: int = 0
+    restarts: int = 0
+    last_crash: str | None = None
+    """The last exception out of the driver's run(), as ``Type: message``."""
+    dead: bool = False
+    """A finite source (a replay) that crashed: it is not restarted (it would replay again
+    from the start), its data ends early."""
+
+    def status(self) -> dict[str, Any]:
+        return {"restarts": self.restarts, "crashes": self.crashes, "last_crash": self.last_crash, "dead": self.dead}
 
 
 def driver_for(config: Config, source: str) -> tuple[type[Driver], Any]:
@@ -108,6 +132,11 @@ class Agent:
         self._driver_stop = threading.Event()
         self._driver_threads: list[threading.Thread] = []
         self._finished: set[int] = set()
+        self.restart_backoff_s = RESTART_BACKOFF_S
+        self._drivers_stopping = 0.0
+        self.sources: dict[str, SourceHealth] = {
+            source: SourceHealth(finite=d.finite) for source, d in zip(config.sources, self.drivers)}
+        """Per configured source (``gps``, ``seals:rear_door``): its driver's crashes and restarts."""
 
     @property
     def last_fix(self) -> Any:
@@ -149,23 +178,54 @@ class Agent:
                     break
         finally:
             self._shutdown()
+        if self.until_drained and (died := self.died()):
+            # A replay that ended early, or a source that crashed on the way: its data is
+            # incomplete, and whoever waited for the drain must know.
+            for line in died:
+                print(f"lorry-agent: {line}", file=sys.stderr)
+            return 1
         return 0
 
+    def died(self) -> list[str]:
+        """One line per source whose driver crashed during this run, naming it and the error."""
+        out = []
+        for source, h in self.sources.items():
+            if h.crashes:
+                what = ("it ended early (a replay is not restarted)" if h.dead
+                        else f"crashed {h.crashes} time(s), restarted {h.restarts} time(s)")
+                out.append(f"source {source} died: {h.last_crash}; {what}")
+        return out
+
     def _drive(self, index: int, driver: Driver) -> None:
-        """Run a driver; if it crashes (a bug, never bad input), restart it with backoff."""
+        """Run a driver; if it crashes (a bug, never bad input), count it and restart it with
+        backoff, or, for a finite source (a replay), mark it dead: its data ends there."""
+        source = list(self.sources)[index]
+        health = self.sources[source]
         attempt = 0
-        while not self._driver_stop.is_set():
-            try:
-                driver.run(self._driver_stop)
-                if driver.finite:
-                    break
-            except Exception:  # noqa: BLE001 - a driver bug must not take the agent down
-                log.exception("%s driver crashed; restarting it", driver.kind)
-                if driver.finite:
-                    break
-            attempt += 1
-            self._driver_stop.wait(backoff_delay(attempt, 1, 60))
-        self._finished.add(index)
+        try:
+            while not self._driver_stop.is_set():
+                started = time.monotonic()
+                try:
+                    driver.run(self._driver_stop)
+                except BaseException as e:  # noqa: BLE001 - a driver bug must not take the agent down
+                    health.crashes += 1
+                    health.last_crash = f"{type(e).__name__}: {e}"
+                    log.error("source %s: driver crashed: %s", source, health.last_crash)
+                    log.debug("source %s: the crash", source, exc_info=True)
+                    if driver.finite:
+                        health.dead = True
+                        return
+                else:
+                    if driver.finite or self._driver_stop.is_set():
+                        return
+                    log.warning("source %s: driver stopped by itself; restarting it", source)
+                attempt = 1 if time.monotonic() - started >= STEADY_S else attempt + 1
+                if self._driver_stop.wait(backoff_delay(attempt, *self.restart_backoff_s)):
+                    return
+                health.restarts += 1
+                log.info("source %s: restarting its driver (restart %d)", source, health.restarts)
+        finally:
+            self._finished.add(index)
 
     def _command_actions(self) -> dict[str, Any]:
         """What the backend may ask for (docs/commands.md)."""
@@ -213,6 +273,7 @@ class Agent:
         self.emit(health_reading(
             started_mono=self.started_mono, clock=self.clock, drivers=self.drivers,
             pipeline_status=self.pipeline.status(), pending=self.store.pending(), time_pending=self.store.held,
+            sources={source: h.status() for source, h in self.sources.items()},
         ))
 
     def _healthy(self) -> bool:
@@ -223,13 +284,22 @@ class Agent:
         return all(i in self._finished for i, d in enumerate(self.drivers) if d.finite)
 
     def _drained(self) -> bool:
-        return self._sources_done() and self.store.pending() == 0
+        if not self._sources_done():
+            return False
+        # The replays ended: live and simulated sources stop with them, or one that reads
+        # faster than the ticks (a sensor every 0.1 s) would never let the buffer run empty.
+        if not self._driver_stop.is_set():
+            self._driver_stop.set()
+            self._drivers_stopping = time.monotonic()
+        stopped = (all(not t.is_alive() for t in self._driver_threads)
+                   or time.monotonic() - self._drivers_stopping > DRIVER_STOP_S)
+        return stopped and self.store.pending() == 0
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
         self._driver_stop.set()
         for t in self._driver_threads:
-            t.join(5)
+            t.join(DRIVER_STOP_S)
         self.store.flush()
         self._save_status()
         self.uplink.stop(timeout=10)
@@ -259,7 +329,8 @@ class Agent:
             "uplink": self.uplink.status(),
             "commands": None if getattr(self.uplink, "commands", None) is None else {
                 "accepted": self.uplink.commands.accepted, "rejected": self.uplink.commands.rejected},
-            "drivers": {source: d.status() for source, d in zip(self.config.sources, self.drivers)},
+            "drivers": {source: driver_status(d) | self.sources[source].status()
+                        for source, d in zip(self.sources, self.drivers)},
             "store": {
                 "commits": self.store.commits,
                 "durable_commits": self.store.durable_commits,

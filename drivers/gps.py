@@ -43,6 +43,22 @@ class NmeaGps(Driver):
         self.last_error: str | None = None
         self.last_fix: Fix | None = None
 
+    @classmethod
+    def check(cls, config: GpsConfig) -> list[str]:
+        """A replayed capture must read to its end (a ``.gz`` must be whole gzip) before the
+        run starts: a replay that fails on the way ends its source early."""
+        if config.replay is None:
+            return []
+        if not config.replay.is_file():  # a device or a pipe would be read for ever
+            return [f"[gps] replay: {config.replay} is not a file; must be a NMEA capture (optionally .gz)"]
+        try:
+            with _open_capture(config.replay) as f:
+                while f.read(1 << 20):
+                    pass
+        except (OSError, EOFError, ValueError) as e:  # gzip.BadGzipFile is an OSError
+            return [f"[gps] replay: cannot read {config.replay}: {e}; must be a NMEA capture (optionally .gz)"]
+        return []
+
     def run(self, stop: threading.Event) -> None:
         if self.config.replay is not None:
             self._replay(self.config.replay, stop)

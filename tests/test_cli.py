@@ -126,3 +126,39 @@ def test_bundled_trip_is_what_the_script_generates(tmp_path: Path) -> None:
     bundled = REPO / "config" / "demo" / "trip.nmea.gz"
     assert gzip.decompress(out.read_bytes()) == gzip.decompress(bundled.read_bytes())
     assert os.path.getsize(bundled) < 1_000_000
+
+
+def test_a_second_agent_on_a_store_exits_1_naming_the_holder_and_status_still_works(tmp_path: Path) -> None:
+    from agent.storelock import StoreLock
+
+    cfg = agent_config(tmp_path, free_port())
+    db = tmp_path / "state" / "buffer.db"
+    with AgentProcess(cfg) as first:
+        wait_until(lambda: db.exists() and store_depth(db) >= 0 and Path(f"{db}.lock").exists(), 20, "the first agent")
+        second = run_cli("run", "--config", str(cfg))
+        assert second.returncode == 1
+        assert f"store {db} is in use by another lorry-agent (pid {first.proc.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        # The running agent keeps the store; status reads it read-only, never taking the lock.
+        s = run_cli("status", "--config", str(cfg), "--json")
+        assert s.returncode == 0 and json.loads(s.stdout)["store"] == str(db), s.stderr
+        assert first.proc.poll() is None, "the first agent runs on"
+        assert first.terminate() == 0
+    lock = StoreLock(db)
+    lock.acquire()  # free again once the first one stopped
+    lock.release()
+
+
+def test_dry_run_ends_with_the_replay_even_beside_a_sensor_faster_than_its_ticks(tmp_path: Path) -> None:
+    capture = tmp_path / "t.nmea"
+    trip.write(capture, interval_s=60, max_hours=0.3)
+    cfg = agent_config(tmp_path, free_port(), gps={"replay": str(capture), "replay_speed": 0},
+                       time={"trust_system_clock": "always"},
+                       temperature=[{"name": "reefer", "driver": "sim", "interval_s": 0.05,
+                                     "profile": [{"at": "2026-11-20T22:00:00Z", "c": 4.0}]}])
+    started = time.monotonic()
+    r = run_cli("run", "--config", str(cfg), "--dry-run", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - started < 30
+    topics = {json.loads(line)["topic"] for line in r.stdout.splitlines()}
+    assert {"lorry/CQ-HN-0042/position", "lorry/CQ-HN-0042/temperature"} <= topics

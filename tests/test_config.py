@@ -145,3 +145,51 @@ def test_can_signal_names_and_dbc_files_are_checked(tmp_path: Path) -> None:
     cfg.write_text(MINIMAL + '[can]\ninterface = "replay"\n')
     r = run_cli("check-config", str(cfg))
     assert r.returncode == 1 and 'interface = "replay" and replay = "file" go together' in r.stderr
+
+
+def test_no_number_may_be_infinite_or_not_a_number(tmp_path: Path) -> None:
+    for key, section in (("max_hdop", "gps"), ("min_period_s", "reporting"), ("interval_s", "health")):
+        for value in ("inf", "-inf", "nan"):
+            extra = '\nport = "/dev/ttyUSB0"' if section == "gps" else ""
+            ps = problems(tmp_path, MINIMAL + f"[{section}]\n{key} = {value}{extra}\n")
+            assert ps == [f"[{section}] {key}: Input should be a finite number (got {float(value)!r})"]
+
+
+def test_every_period_is_bounded_by_a_week_and_every_retry_by_a_day(tmp_path: Path) -> None:
+    (p,) = problems(tmp_path, MINIMAL + "[health]\ninterval_s = 604801\n")
+    assert p == "[health] interval_s: Input should be less than or equal to 604800 (got 604801)"
+    (p,) = problems(tmp_path, MINIMAL + "[mqtt]\nreconnect_max_s = 86401\n")
+    assert p == "[mqtt] reconnect_max_s: Input should be less than or equal to 86400 (got 86401)"
+    (p,) = problems(tmp_path, MINIMAL + "[gps]\nport = \"/dev/ttyUSB0\"\nreplay_speed = 1e-9\n")
+    assert p == "[gps] replay_speed: must be 0 or at least 0.001 (got 1e-09)"
+    assert load_text(tmp_path, MINIMAL + "[health]\ninterval_s = 604800\n").health.interval_s == 604800
+
+
+def test_a_boolean_is_not_a_number(tmp_path: Path) -> None:
+    (p,) = problems(tmp_path, MINIMAL + "[mqtt]\nport = true\n")
+    assert p == "[mqtt]: port must not be true (a boolean) here"
+
+
+def test_every_file_key_is_relative_to_the_config_folder(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, MINIMAL + """
+[chain]
+hmac_key_file = "keys/chain.key"
+[[temperature]]
+name = "reefer"
+driver = "ds18b20"
+sensor_id = "28-0316a2795dff"
+w1_root = "fake-sys/w1"
+[gps]
+port = "ttyUSB0"
+""")
+    assert cfg.chain.hmac_key_file == tmp_path / "keys" / "chain.key"
+    assert cfg.temperature[0].w1_root == tmp_path / "fake-sys" / "w1"
+    assert cfg.gps is not None and cfg.gps.port == "ttyUSB0", "a device name is not a file path"
+
+
+def test_config_errors_never_escape_as_other_exceptions(tmp_path: Path) -> None:
+    for text in ("a = " + "[" * 5000 + "]" * 5000, "[device]\nid = \"" + "x" * 100_000 + "\"\n", "\x00\x01"):
+        with pytest.raises(ConfigError):
+            load_text(tmp_path, text)
+    (p,) = problems(tmp_path, "[device]\nid = \"" + "x" * 100 + "/\"\n")
+    assert len(p) < 300, "a long value is shortened in the message"
