@@ -4,10 +4,14 @@ When the buffer outgrows ``[store] max_mb`` (or the disk is full), readings are 
 order until it is back under 80 % of the limit: old `health`, old `can`, two of every three
 old `position` readings (the track stays, at a third of the density), the same for old
 `temperature`, then the oldest positions. (Thinning by half would free no space: SQLite
-merges pages only once they are about a third full, and new rows never go into old pages.) Seal events, alarms and ignition changes are never shed. Readings older
-than ``max_age_days`` (judged against the newest reading's time, not the system clock) go the
-same way. Every loss is reported as a `data_dropped` alarm, so a gap in seq at the backend
-is always explained.
+merges pages only once they are about a third full, and new rows never go into old pages.)
+Seal events, alarms and ignition changes are never shed. Readings that have waited longer
+than ``max_age_days`` go the same way. Every loss is reported as a `data_dropped` alarm, so a
+gap in seq at the backend is always explained.
+
+Age is how long a reading has waited in the store: the device's trusted time now minus its
+trusted time when the row was stored (``stored_ms``), never the readings' own times: one
+reading dated 2099 (a receiver's bad epoch) would otherwise make every other one "old".
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class Dropped:
     count: int
     first_seq: int
     last_seq: int
-    reason: str  # "store_full", "too_old", "unwritable", "store_damaged", "store_missing"
+    reason: str  # "store_full", "too_old", "unwritable", "store_damaged", "store_missing", "too_large", "undeliverable"
 
 
 def used_bytes(conn: sqlite3.Connection) -> int:
@@ -61,19 +65,17 @@ def plan_shed(conn: sqlite3.Connection, limit_bytes: int) -> Plan | None:
     return None
 
 
-def plan_expiry(conn: sqlite3.Connection, max_age_ms: int) -> list[Plan]:
-    """Sheddable readings older than ``max_age_ms`` before the newest reading."""
-    newest = conn.execute("SELECT MAX(ts) FROM readings WHERE held = 0").fetchone()[0]
-    if newest is None:
-        return []
-    cutoff = newest - max_age_ms
+def plan_expiry(conn: sqlite3.Connection, stored_before_ms: int) -> list[Plan]:
+    """Sheddable readings stored before ``stored_before_ms`` (rows stored while no trusted
+    time was known have none, and are only ever shed for size)."""
     out = []
     for (stream,) in conn.execute(
-        f"SELECT DISTINCT stream FROM readings WHERE ts < ? AND held = 0 "
-        f"AND stream NOT IN ({','.join('?' * len(NEVER_SHED))})", (cutoff, *NEVER_SHED)
+        f"SELECT DISTINCT stream FROM readings WHERE stored_ms < ? AND held = 0 "
+        f"AND stream NOT IN ({','.join('?' * len(NEVER_SHED))})", (stored_before_ms, *NEVER_SHED)
     ).fetchall():
         rows = conn.execute(
-            "SELECT id, seq FROM readings WHERE stream = ? AND ts < ? AND held = 0 ORDER BY id", (stream, cutoff)
+            "SELECT id, seq FROM readings WHERE stream = ? AND stored_ms < ? AND held = 0 ORDER BY id",
+            (stream, stored_before_ms)
         ).fetchall()
         out.append(Plan(stream, rows, "too_old"))
     return out

@@ -106,15 +106,16 @@ class Agent:
             # Never touch the real buffer: a dry run must not consume the real backlog.
             self._tmpdir = tempfile.mkdtemp(prefix="lorry-agent-dry-run-")
             store_path = Path(self._tmpdir) / "buffer.db"
+        self.clock = TimeKeeper(trust_system_clock=config.time.trust_system_clock)
         self.store = Store(store_path, device=config.device.id, sync_interval_s=config.store.sync_interval_s,
                            chain=Chain(config.device.id, read_key(config.chain.hmac_key_file)),
                            max_bytes=int(config.store.max_mb * 1024 * 1024),
-                           max_age_s=config.store.max_age_days * 86400, on_drop=self._dropped)
+                           max_age_s=config.store.max_age_days * 86400, on_drop=self._dropped,
+                           now_ms=lambda: self.clock.stamp().ts_ms)
         self.plan = UplinkPlan(config.profiles, zones=lambda: self.pipeline.geofences.inside,
                                saved_usage=self.store.get_state(USAGE_KEY)) if config.profiles else None
         self.uplink: Uplink = (ConsoleUplink(config, self.store, out) if dry_run
                                else MqttUplink(config, self.store, self.plan))
-        self.clock = TimeKeeper(trust_system_clock=config.time.trust_system_clock)
         self.pipeline = Pipeline(config, self.store, self.clock)
         self.emit = self.pipeline.emit
         self.drivers = build_drivers(config, self.emit, self.clock)

@@ -48,8 +48,9 @@ class Space:
     def take_reserve(self) -> None:
         self.ballast.ensure(headroom=self.wal_bytes)
 
-    def keep(self, max_bytes: int, max_age_ms: int, emergency: bool = False) -> None:
-        """Keep the buffer within [store] max_mb and max_age_days.
+    def keep(self, max_bytes: int, max_age_ms: int, now_ms: int | None, emergency: bool = False) -> None:
+        """Keep the buffer within [store] max_mb and max_age_days (judged at ``now_ms``, the
+        device's trusted time; no age limit while it is unknown).
 
         On a full disk (``emergency``): give the reserve back, fold the WAL into the database,
         shed within the file (unless it already has room inside), return the freed pages to
@@ -65,8 +66,8 @@ class Space:
                     limit = int(used / retention.TARGET * EMERGENCY_KEEP)
             else:
                 self.take_reserve()
-            if max_age_ms:
-                for plan in retention.plan_expiry(conn, max_age_ms):
+            if max_age_ms and now_ms is not None:
+                for plan in retention.plan_expiry(conn, now_ms - max_age_ms):
                     self._execute(plan, emergency)
             while limit and (plan := retention.plan_shed(conn, limit)) is not None:
                 self._execute(plan, emergency)

@@ -97,6 +97,8 @@ def render(s: dict[str, Any]) -> str:
         if d.get("satellites_in_view"):
             sky = ", ".join(f"{k} {v}" for k, v in d["satellites_in_view"].items())
             lines.append(f"  satellites in view: {sky}")
+        for label, counts in _refusals(d).items():
+            lines.append(f"  {label}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if s.get("reporting"):
         r = s["reporting"]
         lines.append(f"reporting: {r.get('state')}; {r.get('reported')} of {r.get('fixes')} good fixes reported"
@@ -109,6 +111,17 @@ def render(s: dict[str, Any]) -> str:
     if s.get("rejected_readings"):
         lines.append(f"rejected readings: {s['rejected_readings']}")
     return "\n".join(lines)
+
+
+def _refusals(driver: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """What a source sent that was not believed (drivers/gnsstime.py, agent/ranges.py)."""
+    out = {}
+    refused = (driver.get("dates") or {}).get("refused") or {}
+    if refused:
+        out["dates not believed"] = refused
+    if driver.get("out_of_range"):
+        out["values out of range (published as null)"] = driver["out_of_range"]
+    return out
 
 
 def _iso(wall: float | None) -> str | None:

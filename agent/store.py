@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from collections import Counter
@@ -37,10 +38,11 @@ from agent.chain import CHAINED_STREAMS, Chain
 from agent.ledger import Ledger
 from agent.space import Space
 from agent.reading import Reading, encode_parts, resolved_body
+from agent.storelock import StoreLock
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # How long the writer waits before retrying a commit that failed (disk error, lock).
 _RETRY_S = 1.0
@@ -80,8 +82,13 @@ class Row:
     body: str
 
 
-class StoreError(Exception):
-    pass
+class StoreUnusable(OSError):
+    """The store path cannot be a database (a folder, a device, no permission): nothing is
+    moved aside or deleted, the agent refuses to start and says why."""
+
+
+def _system_now_ms() -> int | None:
+    return time.time_ns() // 1_000_000
 
 
 class Store:
@@ -89,11 +96,31 @@ class Store:
 
     def __init__(self, path: Path | str, *, device: str, sync_interval_s: float = 1.0,
                  chain: Chain | None = None, max_bytes: int = 0, max_age_s: float = 0,
-                 on_drop: Callable[[list[retention.Dropped]], None] | None = None):
+                 on_drop: Callable[[list[retention.Dropped]], None] | None = None,
+                 now_ms: Callable[[], int | None] = _system_now_ms):
         self.path = Path(path)
         self.device = device
         self.sync_interval_s = sync_interval_s
+        self.chain = chain
+        """Links seal and alarm events as they are committed (agent/chain.py)."""
+        self.max_bytes = max_bytes
+        self.max_age_ms = int(max_age_s * 1000)
+        self.on_drop = on_drop
+        self.now_ms = now_ms
+        """The device's trusted time now (None while unknown): when each row was stored, and
+        what ``max_age_s`` is judged against. A reading's own time never decides what else is
+        deleted: one reading dated 2099 must not age every other reading out."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _check_path(self.path)
+        self._lock = StoreLock(self.path)
+        self._lock.acquire()  # before anything is read: another agent may be writing it
+        try:
+            self._open_locked()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open_locked(self) -> None:
         self._wdb, aside = _open(self.path)
         self.damaged_files: list[str] = [str(aside)] if aside else []
         """Damaged store files found at start and moved aside."""
@@ -123,21 +150,16 @@ class Store:
         self._thread: threading.Thread | None = None
         self.held = self._wdb.execute("SELECT COUNT(*) FROM readings WHERE held = 1").fetchone()[0]
         """Readings whose time is not known yet: stored, not sent."""
-        self.chain = chain
-        """Links seal and alarm events as they are committed (agent/chain.py)."""
-        self.max_bytes = max_bytes
-        self.max_age_ms = int(max_age_s * 1000)
-        self.on_drop = on_drop
         self.dropped: dict[str, int] = {}
         """Readings given up per stream (retention.py), for status."""
         self.full_errors = 0
         self._full = False
         self._next_maintenance = 0.0
-        if chain is not None:
+        if self.chain is not None:
             saved = dict(self._wdb.execute(
                 "SELECT key, value FROM state WHERE key IN ('chain_seq', 'chain_hash')").fetchall())
             if saved:
-                chain.restore(int(saved["chain_seq"]), saved["chain_hash"])
+                self.chain.restore(int(saved["chain_seq"]), saved["chain_hash"])
         self.ledger = Ledger(self.path.with_name(self.path.name + ".ledger"))
         self.resumed: list[retention.Dropped] = self._resume(damaged=aside is not None)
         """Seq ranges a fresh store continued above (agent/ledger.py), reported at start."""
@@ -162,9 +184,12 @@ class Store:
         db.execute("CREATE INDEX IF NOT EXISTS readings_stream ON readings(stream)")
         # v2: readings taken before the time was known are held until it is (agent/clock.py).
         have = db["readings"].columns_dict
-        for name, kind in (("held", int), ("mono_ns", int), ("boot_id", str), ("wall_ms", int)):
+        # v3: ``stored_ms``, the device's trusted time when the row was stored (NULL: none was
+        # known, or a v2 row): what max_age_days is judged by, never the reading's own time.
+        for name, kind in (("held", int), ("mono_ns", int), ("boot_id", str), ("wall_ms", int), ("stored_ms", int)):
             if name not in have:
                 db["readings"].add_column(name, kind, not_null_default=0 if name == "held" else None)
+        db.execute("CREATE INDEX IF NOT EXISTS readings_stored ON readings(stored_ms)")
         db["streams"].create({"stream": str, "last_seq": int}, pk="stream", if_not_exists=True)
         db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -318,6 +343,7 @@ class Store:
         self._wdb.conn.close()
         with self._rlock:
             self._rconn.close()
+        self._lock.release()
 
     def _commit_all(self) -> bool:
         """Commit everything queued, without the writer thread (before start, after a stop)."""
@@ -403,7 +429,8 @@ class Store:
 
     def _maintain(self, emergency: bool = False) -> None:
         self._next_maintenance = time.monotonic() + _MAINTENANCE_S
-        self.space.keep(self.max_bytes, self.max_age_ms, emergency=emergency)
+        now = self.now_ms() if self.max_age_ms else None
+        self.space.keep(self.max_bytes, self.max_age_ms, now, emergency=emergency)
 
     def _floors(self, seq: dict[str, int]) -> dict[str, int]:
         """Per stream, the lowest seq not yet acknowledged (for the ledger)."""
@@ -524,6 +551,7 @@ class Store:
         held = 0
         chain = self.chain
         chain_before = chain.state() if chain is not None else None
+        stored = self.now_ms() if batch else None
         for stream, ts, head, tail, _urgent, hold in batch:
             n = seq.get(stream, 0) + 1
             seq[stream] = n
@@ -531,9 +559,9 @@ class Store:
             if hold is None:
                 if chain is not None and stream in CHAINED_STREAMS:
                     body = chain.link(body)
-                rows.append((stream, n, ts, body, 0, None, None, None))
+                rows.append((stream, n, ts, body, 0, None, None, None, stored))
             else:
-                rows.append((stream, n, ts, body, 1, *hold))  # chained once its time is known
+                rows.append((stream, n, ts, body, 1, *hold, stored))  # chained once its time is known
                 held += 1
         state = list(self._state.items()) if self._state_dirty_since is not None else []
         if self.ledger.needs_reserve(seq):  # on disk before any of these seqs can be
@@ -549,8 +577,8 @@ class Store:
             try:
                 if rows:
                     conn.executemany(
-                        "INSERT INTO readings (stream, seq, ts, body, held, mono_ns, boot_id, wall_ms)"
-                        " VALUES (?,?,?,?,?,?,?,?)",
+                        "INSERT INTO readings (stream, seq, ts, body, held, mono_ns, boot_id, wall_ms, stored_ms)"
+                        " VALUES (?,?,?,?,?,?,?,?,?)",
                         rows,
                     )
                     conn.executemany(
@@ -714,9 +742,35 @@ def _new_file_settings(db: sqlite_utils.Database) -> None:
         db.execute("PRAGMA auto_vacuum = INCREMENTAL")
 
 
+def _check_path(path: Path) -> None:
+    """The store path must be a regular file or not exist yet; anything else is refused, never
+    moved aside: a folder given by mistake may hold everything else on the device."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreUnusable(f"store {path}: cannot look at it: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise StoreUnusable(f"store {path} is {kind}; [store] path must name a database file "
+                            f"(e.g. {path / 'buffer.db' if stat.S_ISDIR(st.st_mode) else path.with_suffix('.db')})")
+
+
+# SQLite's own verdicts that a file is not a sound database (anything else, such as "unable to
+# open database file" for a permission problem, proves nothing about the file).
+_DAMAGED = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+
+
+def _proves_damage(e: sqlite3.DatabaseError) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return code is None or code & 0xFF in _DAMAGED
+
+
 def _open(path: Path) -> tuple[sqlite_utils.Database, Path | None]:
-    """Open the buffer. A file that is not a sound database is moved aside (kept for
-    forensics) and a new one started: a damaged card must never put the agent in a crash loop.
+    """Open the buffer. A file that SQLite proves damaged is moved aside (kept for forensics)
+    and a new one started: a damaged card must never put the agent in a crash loop. Any other
+    failure (permissions, a vanished folder) is raised: nothing is renamed on a guess.
     Returns the database and where a damaged file went, if one did."""
     conn = None
     try:
@@ -726,11 +780,13 @@ def _open(path: Path) -> tuple[sqlite_utils.Database, Path | None]:
         db.enable_wal()
         ok = db.execute("PRAGMA quick_check").fetchone()[0]
         if ok != "ok":
-            raise sqlite3.DatabaseError(f"quick_check: {ok}")
+            raise sqlite3.DatabaseError(f"quick_check: {ok}")  # no error code: proven damage
         aside = None
     except sqlite3.DatabaseError as e:
         if conn is not None:
             conn.close()
+        if not _proves_damage(e) or not path.is_file():
+            raise StoreUnusable(f"store {path}: cannot open it: {e}") from None
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
         log.error("store %s is damaged (%s); moved aside to %s, starting a new one", path, e, aside)
         for suffix in ("", "-wal", "-shm"):

@@ -363,12 +363,16 @@ class MqttUplink(Uplink):
                 return
         self._goodbye(client)
 
-    def _publish_properties(self) -> Properties | None:
+    def _publish_properties(self) -> dict[bool, Properties] | None:
+        """Per encoding (compact or not), the MQTT 5 properties that announce it: a batch the
+        compact encoder failed on goes as JSON, and must say so."""
         if self.config.mqtt.protocol != "5":
             return None  # MQTT 3.1.1 has no properties: compact payloads announce themselves
-        props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = compact.CONTENT_TYPE if self._compact else JSON_CONTENT_TYPE
-        return props
+        out = {}
+        for is_compact, content_type in ((True, compact.CONTENT_TYPE), (False, JSON_CONTENT_TYPE)):
+            out[is_compact] = props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = content_type
+        return out
 
     def _encode(self, batch: Batch) -> bytes:
         if not self._compact:
@@ -383,10 +387,11 @@ class MqttUplink(Uplink):
         self._ratio = 0.8 * self._ratio + 0.2 * (len(payload) / json_len)
         return payload
 
-    def _publish(self, client: mqtt.Client, batch: Batch, props: Properties | None) -> bool:
+    def _publish(self, client: mqtt.Client, batch: Batch, encodings: dict[bool, Properties] | None) -> bool:
         """Publish one batch, split in halves while its message is over the size limit; a
         single reading that is too large for any message is set aside."""
         payload = self._encode(batch)
+        props = None if encodings is None else encodings[compact.is_compact(payload)]
         topic = self.config.topic(batch.stream)
         size = _packet_size(topic, payload, props, self.config.mqtt.protocol == "5")
         too_large = self._too_large(len(payload), size)
@@ -394,8 +399,8 @@ class MqttUplink(Uplink):
             first, second = batch.halves()
             if self._probe:  # one message at a time: the second half is paged again later
                 self.outbox.rewind(second)
-                return self._publish(client, first, props)
-            return self._publish(client, first, props) and self._publish(client, second, props)
+                return self._publish(client, first, encodings)
+            return self._publish(client, first, encodings) and self._publish(client, second, encodings)
         if too_large:
             self._give_up(batch, "too_large", too_large)
             return True

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import can
 
+from drivers.gnsstime import RELEASE_MS
+
 FORMS = ("candump text: -l log lines '(1700000000.123456) can0 0CF00400#FF7D7DE015FFF0FF' or screen "
          "lines '(000.020000)  can0  0CF00400   [8]  FF 7D 7D E0 15 FF F0 FF' with -ta/-td/-tz/-tA "
          "times or none, line numbers allowed, any file name")
@@ -159,8 +161,8 @@ EPOCH_MIN = 946_684_800.0
 """2000-01-01: a smaller stamp counts from the capture's start (-tz, -td, an uptime, a Pi's
 1970 clock), so it cannot date a reading."""
 EPOCH_MAX = 7_258_118_400.0  # 2200-01-01: beyond, a stamp is absurd whatever the source
-NOT_BEFORE = 1_796_083_200.0
-"""2026-12-01, when this was written: the true time is later, whatever a clock without RTC says."""
+NOT_BEFORE = RELEASE_MS / 1000
+"""This release's date: the true time is later, whatever a clock without RTC says."""
 FUTURE_S = 86_400.0
 """A capture is from the past: an absolute stamp more than this ahead of now is not believed."""
 JUMP_S = 60.0

@@ -17,6 +17,7 @@ from agent.backoff import backoff_delay
 from agent.config import GpsConfig
 from agent.reading import Reading, iso_ms
 from drivers.base import Driver, Emit
+from drivers.gnsstime import GnssTimeJudge
 from drivers.nmea import Fix, NmeaAssembler
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 MAX_LINE = 256
 # With no data for this long, the epoch in progress is complete (the receiver went quiet).
 QUIET_S = 1.5
+# A replay paced at its own times waits out gaps up to this long (real seconds) between fixes.
+MAX_PACING_WAIT_S = 60.0
 
 
 class NmeaGps(Driver):
@@ -33,7 +36,10 @@ class NmeaGps(Driver):
     def __init__(self, config: GpsConfig, emit: Emit):
         super().__init__(config, emit)
         self.finite = config.replay is not None
-        self.nmea = NmeaAssembler()
+        # A live receiver's dates are judged against NTP time when the kernel has it; a
+        # capture's against its own date (drivers/gnsstime.py).
+        judge = GnssTimeJudge(live=not self.finite, system_now_ms=self._ntp_now_ms)
+        self.nmea = NmeaAssembler(judge=judge)
         self.opens = 0
         self.open_failures = 0
         self.overlong = 0
@@ -83,10 +89,17 @@ class NmeaGps(Driver):
             "bad_field": c.bad_field,
             "no_fix": c.no_fix,
             "no_date": c.no_date,
+            "bad_date": c.bad_date,
             "ignored": c.ignored,
-            "rollover_corrected": c.rollover,
+            "internal_errors": c.internal_errors,
+            "rollover_corrected": self.nmea.judge.rollover,
+            "dates": self.nmea.judge.status(),
+            "out_of_range": dict(self.nmea.ranges.counts),
             "satellites_in_view": self.nmea.satellites_in_view,
         }
+
+    def _ntp_now_ms(self) -> int | None:
+        return self.clock.ntp_now_ms() if self.clock is not None else None
 
     def _emit(self, fixes: Iterator[Fix]) -> None:
         for fix in fixes:
@@ -107,10 +120,15 @@ class NmeaGps(Driver):
                         return
                     for fix in self.nmea.feed(line):
                         if speed > 0:
+                            now = time.monotonic()
                             if clock is None:
-                                clock = (time.monotonic(), fix.ts_ms)
-                            due = clock[0] + (fix.ts_ms - clock[1]) / 1000 / speed
-                            if stop.wait(max(0.0, due - time.monotonic())):
+                                clock = (now, fix.ts_ms)
+                            wait = clock[0] + (fix.ts_ms - clock[1]) / 1000 / speed - now
+                            if not -1.0 <= wait <= MAX_PACING_WAIT_S:
+                                # Time went back, or a gap longer than any worth waiting out:
+                                # pace the rest of the capture from here.
+                                clock, wait = (now, fix.ts_ms), 0.0
+                            if stop.wait(max(0.0, wait)):
                                 return
                         self._emit(iter((fix,)))
             self._emit(self.nmea.finish())

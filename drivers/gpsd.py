@@ -23,8 +23,10 @@ from typing import Any
 
 from agent.backoff import backoff_delay
 from agent.config import GpsConfig
+from agent.ranges import RangeCheck
 from agent.reading import Reading, iso_ms
 from drivers.base import Driver, Emit
+from drivers.gnsstime import GnssTimeJudge
 from drivers.nmea import SKY_STALE_S, Fix
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,8 @@ class GpsdGps(Driver):
         self.last_error: str | None = None
         self.last_fix: Fix | None = None
         self._recent: deque[int] = deque(maxlen=RECENT)  # kept across reconnections
+        self.judge = GnssTimeJudge(live=True, system_now_ms=self._ntp_now_ms)
+        self.ranges = RangeCheck()
         self._reset()
 
     def _reset(self) -> None:
@@ -87,8 +91,14 @@ class GpsdGps(Driver):
             "garbage": self.garbage,
             "no_fix": self.no_fix,
             "late": self.late,
+            "bad_date": sum(self.judge.refused.values()),
+            "dates": self.judge.status(),
+            "out_of_range": dict(self.ranges.counts),
             "satellites_in_view": dict(self._in_view) if fresh else {},
         }
+
+    def _ntp_now_ms(self) -> int | None:
+        return self.clock.ntp_now_ms() if self.clock is not None else None
 
     def run(self, stop: threading.Event) -> None:
         failures = 0
@@ -155,8 +165,8 @@ class GpsdGps(Driver):
                 self._tpv(report)
             elif report.get("class") == "SKY":
                 self._sky(report)
-        except (ValueError, TypeError, AttributeError):  # UnicodeDecodeError is a ValueError
-            self.garbage += 1
+        except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
+            self.garbage += 1  # UnicodeDecodeError is a ValueError; RecursionError: 64k of '['s
 
     def _tpv(self, tpv: dict[str, Any]) -> None:
         self.tpv += 1
@@ -183,15 +193,16 @@ class GpsdGps(Driver):
             seen = {(s.get("gnssid"), s.get("svid", s.get("PRN"))) for s in sats}
             view: dict[str, int] = {}
             for gnssid, _ in seen:
-                name = GNSS.get(gnssid, "GNSS")
+                name = GNSS.get(gnssid, "GNSS") if isinstance(gnssid, int) else "GNSS"
                 view[name] = view.get(name, 0) + 1
             self._in_view = dict(sorted(view.items()))
         used = sky.get("uSat")
         if isinstance(used, int) and not isinstance(used, bool):
-            self._sats = used
+            kept = self.ranges.keep("sats", used)
+            self._sats = None if kept is None else int(kept)
         elif isinstance(sats, list):
-            self._sats = sum(1 for s in sats if s.get("used") is True)
-        hdop = _num(sky.get("hdop"))
+            self._sats = sum(1 for s in sats if isinstance(s, dict) and s.get("used") is True)
+        hdop = self.ranges.keep("hdop", _num(sky.get("hdop")))
         self._hdop = self._hdop if hdop is None else hdop
         self._sky_at = time.monotonic()
 
@@ -208,12 +219,19 @@ class GpsdGps(Driver):
         if not isinstance(mode, int) or mode < 2 or status in NOT_POSITION or None in (lat, lon):
             self.no_fix += 1
             return
+        keep = self.ranges.keep
+        if keep("lat", lat) is None or keep("lon", lon) is None:
+            return  # counted: a position without a possible latitude is not a position
+        judged = self.judge.judge(ts, self._pending_mono)
+        if judged is None:
+            return  # counted by the judge: a date no receiver can mean
+        ts = judged
         speed = _num(tpv.get("speed"))
         alt = _num(tpv.get("altMSL"))
         sats, hdop = self._pending_sky
         fix = Fix(
-            ts, lat, lon, None if speed is None else speed * 3.6, _num(tpv.get("track")),
-            _num(tpv.get("alt")) if alt is None else alt, sats, hdop,
+            ts, lat, lon, keep("speed_kmh", None if speed is None else speed * 3.6), keep("course", _num(tpv.get("track"))),
+            keep("alt_m", _num(tpv.get("alt")) if alt is None else alt), sats, hdop,
             STATUS_FIX.get(status, "gps"), mode,
         )
         self.last_fix = fix

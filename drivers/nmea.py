@@ -7,6 +7,10 @@ finished when a sentence with a new time arrives, or as soon as it holds every s
 the receiver sent for the previous epoch (so a receiver sending RMC then GGA yields its fix on
 the GGA, not a second later). GSA (fix mode) and GSV (satellites in view per constellation)
 update the receiver's state.
+
+Nothing a line contains escapes as an exception: a line that cannot be used is counted by why.
+Dates are judged by drivers/gnsstime.py (week rollover, impossible dates) and values by
+agent/ranges.py (an HDOP of -5 is published as null, not as -5).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from operator import xor
 from typing import Any
 
 import pynmea2
+
+from agent.ranges import RangeCheck
+from drivers.gnsstime import DAY_MS, GnssTimeJudge
 
 # Sentence types that belong to an epoch; everything else below is receiver state.
 EPOCH_TYPES = frozenset({"RMC", "GGA", "GNS", "GLL", "ZDA", "VTG"})
@@ -46,11 +53,7 @@ ZDA_DAY, ZDA_MONTH, ZDA_YEAR = (_i("ZDA", n) for n in ("day", "month", "year"))
 LATLON = {k: tuple(_i(k, n) for n in ("lat", "lat_dir", "lon", "lon_dir")) for k in ("RMC", "GGA", "GNS", "GLL")}
 
 KNOT_KMH = 1.852
-DAY_MS = 86_400_000
-ROLLOVER = dt.timedelta(weeks=1024)
-# Receivers with the GPS week-number bug report dates 1024 weeks (19.6 years) late.
-# No correct receiver reports a date before this software existed.
-DEFAULT_DATE_FLOOR = dt.date(2025, 1, 1)
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 # GGA quality indicator → the payload's `fix`; None = not a position.
 GGA_FIX = {1: "gps", 2: "dgps", 3: "pps", 4: "rtk", 5: "rtk_float", 6: "estimated"}
@@ -109,9 +112,11 @@ class NmeaCounters:
     """Epochs where the receiver said it has no valid position (status V, quality 0)."""
     no_date: int = 0
     """Epochs dropped because no date was known yet (time-only sentences, no RMC/ZDA)."""
+    bad_date: int = 0
+    """Epochs whose date was not believed (drivers/gnsstime.py says why)."""
     fixes: int = 0
-    rollover: int = 0
-    """Dates corrected for the GPS week-number rollover."""
+    internal_errors: int = 0
+    """Lines that raised where nothing should: counted and skipped, never fatal."""
 
 
 @dataclass
@@ -124,8 +129,8 @@ class NmeaAssembler:
     """Feed lines in arrival order; completed fixes come out of ``feed`` and ``finish``.
 
     ``date_hint`` gives a date for receivers that never send one (GGA-only): the trusted
-    system clock, or a capture's ``# Date:`` header. ``date_floor``: dates before it are
-    taken as week-rollover victims and moved forward by 1024 weeks.
+    system clock, or a capture's ``# Date:`` header. ``judge`` decides which epoch times to
+    believe (default: a replay's judge; the serial driver passes a live one).
     """
 
     def __init__(
@@ -133,17 +138,25 @@ class NmeaAssembler:
         *,
         default_date: dt.date | None = None,
         date_hint: Callable[[], dt.date | None] | None = None,
-        date_floor: dt.date = DEFAULT_DATE_FLOOR,
+        judge: GnssTimeJudge | None = None,
+        mono_ns: Callable[[], int] = time.monotonic_ns,
     ):
         self.counters = NmeaCounters()
-        self.date_floor = date_floor
+        self.judge = judge or GnssTimeJudge(live=False)
+        self.ranges = RangeCheck()
+        self._mono_ns = mono_ns
         self._date_hint = date_hint
         self._epoch: _Epoch | None = None
         self._expected: frozenset[str] = frozenset()
         self._last_tod: int | None = None
         self._last_kinds: set[str] = set()
-        self._date: dt.date | None = default_date
+        self._date: int | None = None if default_date is None else _day(default_date)
+        """The current date as days since 1970 (integers: no date can overflow)."""
         self._date_tod: int = 0
+        self._date_measured = False
+        """Whether ``_date`` came from the receiver (RMC/ZDA), not from a hint."""
+        self._believed: tuple[int, int] | None = None
+        """The last date (and its time of day) the judge believed."""
         self._orphan_vtg: list[str] | None = None
         self._tod_raw: str | None = None
         self._tod: int | None = None
@@ -158,6 +171,13 @@ class NmeaAssembler:
         return {k: n for k, (n, seen) in sorted(self._sky.items()) if now - seen < SKY_STALE_S}
 
     def feed(self, line: bytes | str) -> Iterator[Fix]:
+        try:
+            yield from self._feed(line)
+        except Exception:  # noqa: BLE001 - no line may stop the receiver: count it, go on
+            self.counters.internal_errors += 1
+            self._epoch = None
+
+    def _feed(self, line: bytes | str) -> Iterator[Fix]:
         if line[:1] in (b"#", "#"):
             self.counters.lines += 1
             self._comment(line if isinstance(line, str) else line.decode("ascii", "replace"))
@@ -275,9 +295,11 @@ class NmeaAssembler:
                 mode = int(fields[2]) if len(fields) > 2 and fields[2] else None
                 self._mode = mode if mode in (1, 2, 3) else None
             else:  # GSV: total satellites in view of this talker's constellation
-                n = int(fields[3])
+                n = self.ranges.keep("sats_in_view", int(fields[3]))
+                if n is None:
+                    raise ValueError(fields[3])
                 name = CONSTELLATIONS.get(fields[0][:2], fields[0][:2])
-                self._sky[name] = (n, time.monotonic())
+                self._sky[name] = (int(n), time.monotonic())
             self.counters.sentences += 1
         except (ValueError, IndexError):
             self.counters.bad_field += 1
@@ -286,7 +308,8 @@ class NmeaAssembler:
 
     def _comment(self, line: str) -> None:
         """Capture files (gpsd's format) start with '#' comments; '# Date: yyyy-mm-dd' tells
-        when it was recorded: the date for time-only receivers, and the rollover floor."""
+        when it was recorded: the era for its dates, and the date for time-only receivers. A
+        header is as untrusted as any line: one the judge does not believe is ignored."""
         key, _, value = line[1:].partition(":")
         if key.strip().lower() != "date":
             return
@@ -294,14 +317,14 @@ class NmeaAssembler:
             day = dt.date.fromisoformat(value.strip()[:10])
         except ValueError:
             return
-        self.date_floor = day - ROLLOVER / 2
-        if self._date is None:
+        if self.judge.capture_date(day) and self._date is None:
             self._date_hint = lambda: day
 
     def _learn_date(self, kind: str, msg: list[str], tod: int) -> None:
         try:
             if kind == "ZDA":
-                day = dt.date(int(msg[ZDA_YEAR]), int(msg[ZDA_MONTH]), int(msg[ZDA_DAY]))
+                day = _day(dt.date(int(msg[ZDA_YEAR]), int(msg[ZDA_MONTH]), int(msg[ZDA_DAY])))
+                self._date_raw = None  # the next RMC's date is read again, not taken as known
             else:
                 raw = msg[RMC_DATE].strip()
                 if raw == self._date_raw and self._date is not None:
@@ -309,27 +332,42 @@ class NmeaAssembler:
                     return
                 if len(raw) != 6 or not raw.isdigit():
                     return
-                day = dt.date(2000 + int(raw[4:6]), int(raw[2:4]), int(raw[0:2]))
+                day = _day(dt.date(self._century(int(raw[4:6])), int(raw[2:4]), int(raw[0:2])))
                 self._date_raw = raw
         except ValueError:
             return
-        if day < self.date_floor:
-            while day < self.date_floor:
-                day += ROLLOVER
-            self.counters.rollover += 1
-        self._date, self._date_tod = day, tod
+        self._date, self._date_tod, self._date_measured = day, tod, True
 
-    def _date_for(self, tod: int) -> dt.date | None:
-        """The date of an epoch: the last RMC/ZDA date, rolled over at midnight."""
+    def _century(self, yy: int) -> int:
+        """RMC's two-digit year in the century nearest the best evidence of the era: '99'
+        is 1999 in 2026 (then a week-rollover victim, or refused), never 2099."""
+        ref = dt.date.fromordinal(_EPOCH_ORDINAL + self.judge.era_reference_ms(self._mono_ns()) // DAY_MS).year
+        year = ref - ref % 100 + yy
+        if year - ref > 50:
+            year -= 100
+        elif ref - year > 50:
+            year += 100
+        return year
+
+    def _date_for(self, tod: int) -> int | None:
+        """The date of an epoch (days since 1970): the last RMC/ZDA date, rolled over at midnight."""
         if self._date is None:
             hint = self._date_hint() if self._date_hint else None
             if hint is None:
                 return None
-            self._date, self._date_tod = hint, tod
+            self._date, self._date_tod, self._date_measured = _day(hint), tod, False
         if tod < self._date_tod - DAY_MS // 2:
-            self._date += dt.timedelta(days=1)
+            self._date += 1
         self._date_tod = tod
         return self._date
+
+    def _refuse_date(self) -> None:
+        """The epoch's date was not believed: back to the last believed one, so one bad RMC
+        or ZDA does not date the epochs after it."""
+        self.counters.bad_date += 1
+        self._date, self._date_tod = self._believed if self._believed else (None, 0)
+        self._date_measured = self._believed is not None
+        self._date_raw = None
 
     # -- epochs ---------------------------------------------------------------------------------
 
@@ -364,6 +402,12 @@ class NmeaAssembler:
         if day is None:
             self.counters.no_date += 1
             return None
+        ts = self.judge.judge(day * DAY_MS + epoch.tod_ms, self._mono_ns(), measured=self._date_measured)
+        if ts is None:
+            self._refuse_date()
+            return None
+        if self._date_measured:
+            self._believed = (day, self._date_tod)
         src, (la, ns, lo, ew) = next((p[k], LATLON[k]) for k in ("RMC", "GGA", "GNS", "GLL") if k in p)
         lat = _degrees(src[la], 2, src[ns], "NS", 90)
         lon = _degrees(src[lo], 3, src[ew], "EW", 180)
@@ -384,10 +428,13 @@ class NmeaAssembler:
             alt, sats, hdop = _float(gns[GNS_ALT]), _int(gns[GNS_SATS]), _float(gns[GNS_HDOP])
         else:
             alt = sats = hdop = None
+        keep = self.ranges.keep
+        sats = keep("sats", sats)
         # GSA is timeless and many receivers send it after the epoch's RMC/GGA: a "no fix"
         # from the last one is stale once the epoch's own sentences say there is a fix.
         mode = self._mode if self._mode in (2, 3) else None
-        return Fix(_day_ms(day) + epoch.tod_ms, lat, lon, speed, course, alt, sats, hdop, fix_kind, mode)
+        return Fix(ts, lat, lon, keep("speed_kmh", speed), keep("course", course), keep("alt_m", alt),
+                   None if sats is None else int(sats), keep("hdop", hdop), fix_kind, mode)
 
 
 def _fix_kind(rmc: list[str] | None, gga: list[str] | None, gns: list[str] | None,
@@ -462,8 +509,6 @@ def _knots_kmh(raw: str) -> float | None:
     return None if v is None else v * KNOT_KMH
 
 
-def _day_ms(day: dt.date) -> int:
-    return (day.toordinal() - _EPOCH_ORDINAL) * DAY_MS
-
-
-_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+def _day(day: dt.date) -> int:
+    """Days since 1970-01-01."""
+    return day.toordinal() - _EPOCH_ORDINAL

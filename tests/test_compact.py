@@ -642,7 +642,7 @@ def test_real_receiver_captures_round_trip(gpsd_captures: Path) -> None:
     """Every fix of gpsd's 34 receiver captures, as position bodies, in batches of 200."""
     total = 0
     for log in sorted(gpsd_captures.glob("*.log")):
-        asm = NmeaAssembler(date_floor=dt.date(2000, 1, 1))
+        asm = NmeaAssembler()
         fixes = [f for line in log.read_bytes().splitlines(keepends=True) for f in asm.feed(line)]
         fixes += list(asm.finish())
         bodies = []

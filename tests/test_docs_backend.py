@@ -3,7 +3,7 @@
 A backend engineer works from docs/ alone, in any language; here in Node.js, as one did. So:
 
 1. the JavaScript decoder printed in docs/compact.md is run with ``node`` and cbor-x (pinned in
-   .ci/setup, installed into the git-ignored .ci/node) on the doc's worked example and on
+   .ci/setup --tests, installed into the git-ignored .ci/node) on the doc's worked example and on
    messages the agent's own encoder (agent/compact.py) produced, and must give the readings'
    JSON form;
 2. the HMAC worked examples of docs/chain.md and docs/commands.md (a key file, a body, its

@@ -21,6 +21,7 @@ import pytest
 
 from agent.config import GpsConfig
 from agent.reading import Reading
+from drivers.gnsstime import GnssTimeJudge
 from drivers.gpsd import GpsdGps
 from support import Running, wait_until
 
@@ -75,7 +76,7 @@ def require_gpsfake() -> None:
             missing.append(f"{SYSTEM_PYTHON}'s gps module")
     if missing:
         pytest.fail(
-            f"gpsd/gpsfake not installed ({', '.join(missing)} missing): run .ci/setup "
+            f"gpsd/gpsfake not installed ({', '.join(missing)} missing): run .ci/setup --tests "
             "(apt-get install -y gpsd gpsd-clients)"
         )
 
@@ -160,6 +161,9 @@ def test_real_gpsd_matches_reference(
     env = {**os.environ, "TMPDIR": str(tmp_path), "GPSD_HOME": os.path.dirname(GPSD)}
     out = Collector()
     driver = driver_for(port, out)
+    # gpsfake replays a capture recorded years ago: its dates are judged as a capture's,
+    # not as a live receiver's today (a live 2019 date would rightly be refused).
+    driver.judge = GnssTimeJudge(live=False)
     with open(gpsfake_log, "wb") as log:
         proc = subprocess.Popen(
             [SYSTEM_PYTHON, GPSFAKE, "-1", "-q", "-c", cycle, "-P", str(port), "-W", "30",

@@ -79,7 +79,7 @@ def compare(name: str) -> Comparison:
     log = GPSD_CAPTURES / name
     # The oldest capture is from 2001: no GPS week-rollover correction above that (the default
     # floor is this software's release year). A '# Date:' header raises the floor itself.
-    asm = NmeaAssembler(date_floor=dt.date(2000, 1, 1))
+    asm = NmeaAssembler()
     ours: dict[int, Fix] = {}
     # Fed whole, '#' header included: its '# Date:' is the capture's date, as for gpsd.
     for line in log.read_bytes().splitlines(keepends=True):

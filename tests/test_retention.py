@@ -62,16 +62,53 @@ def test_over_the_limit_positions_are_thinned_and_seals_kept(tmp_path: Path) -> 
 
 
 def test_readings_past_the_age_limit_go_but_alarms_stay(tmp_path: Path) -> None:
-    s, drops = make(tmp_path, max_age_s=3600)
+    """Age is time waited in the store, by the device's trusted clock."""
+    now = [T0]
+    s, drops = make(tmp_path, max_age_s=3600, now_ms=lambda: now[0])
     try:
         for i in range(0, 7200, 60):
+            now[0] = T0 + i * 1000  # each stored as it was taken
             s.append(pos(i))
+            s.flush()
         s.append(Reading("alarm", T0, {"kind": "seal_opened"}, urgent=True))
         s.flush()
         assert s.maintain()
         assert min(r.ts_ms for r in rows(s, "position")) >= T0 + (7140 - 3600) * 1000
         assert len(rows(s, "alarm")) == 1
         assert drops and drops[0].reason == "too_old" and drops[0].stream == "position"
+    finally:
+        s.close()
+
+
+def test_a_reading_dated_far_ahead_ages_nothing_else_out(tmp_path: Path) -> None:
+    """A receiver's bad epoch dated 2099 once made every real position "too old": a reading's
+    own time must never decide what else is deleted."""
+    now = [T0]
+    s, drops = make(tmp_path, max_age_s=3600, now_ms=lambda: now[0])
+    try:
+        for i in range(50):
+            s.append(pos(i))
+        s.append(Reading("position", 4_070_908_800_000, {"lat": 22.0, "lon": 106.7}))  # 2099-01-01
+        s.flush()
+        now[0] += 1800_000  # half an hour later
+        assert s.maintain()
+        assert len(rows(s, "position")) == 51 and not drops
+    finally:
+        s.close()
+
+
+def test_no_age_limit_while_no_trusted_time_is_known(tmp_path: Path) -> None:
+    """Rows stored before any trusted time have no age; a clock that only later becomes
+    trusted does not make them expire at once."""
+    now: list[int | None] = [None]
+    s, drops = make(tmp_path, max_age_s=60, now_ms=lambda: now[0])
+    try:
+        for i in range(20):
+            s.append(pos(i))
+        s.flush()
+        assert s.maintain() and len(rows(s, "position")) == 20
+        now[0] = T0 + 86_400_000
+        assert s.maintain() and len(rows(s, "position")) == 20 and not drops
     finally:
         s.close()
 

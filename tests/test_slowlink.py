@@ -157,3 +157,36 @@ def test_a_compact_encoding_failure_falls_back_to_json(tmp_path: Path, monkeypat
         assert "compact encoding failed" in up.status()["last_error"]
     finally:
         store.close()
+
+
+def test_a_batch_sent_as_json_after_a_compact_failure_says_json(tmp_path: Path, broker: Mosquitto,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under MQTT 5 the content type is chosen per message: the fallback JSON once went out
+    labelled application/cbor."""
+    from agent import uplink
+    from agent.config import load
+
+    def broken(_bodies: Any) -> bytes:
+        raise RuntimeError("codec bug")
+
+    monkeypatch.setattr(uplink.compact, "encode", broken)
+    backend = Backend(broker.port, mqtt5=True)
+    store = Store(tmp_path / "b.db", device=DEVICE, sync_interval_s=0.05)
+    up = None
+    try:
+        cfg = load(agent_config(tmp_path, broker.port, mqtt_extra={"encoding": "compact", "protocol": "5"}))
+        store.start()
+        for i in range(3):
+            store.append(Reading("position", 1_795_000_000_000 + i * 1000, {"lat": 22.0, "lon": 106.7 + i / 1e4}))
+        store.flush()
+        up = uplink.MqttUplink(cfg, store)
+        up.start()
+        wait_until(lambda: len(backend.readings("position")) == 3, 20, "the positions")
+        with backend._lock:
+            types = {backend.content_types.get(p) for t, p, _r in backend.messages if t.endswith("/position")}
+        assert types == {"application/json"}, types
+    finally:
+        if up is not None:
+            up.stop()
+        store.close()
+        backend.close()

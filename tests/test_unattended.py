@@ -25,7 +25,7 @@ INSTALLED = "/opt/lorry-agent/venv/bin/lorry-agent"
 def systemd_analyze() -> str:
     found = shutil.which("systemd-analyze")
     if found is None:
-        pytest.fail("systemd-analyze is missing: .ci/setup installs systemd (apt-get install -y systemd)")
+        pytest.fail("systemd-analyze is missing: .ci/setup --tests installs systemd (apt-get install -y systemd)")
     return found
 
 

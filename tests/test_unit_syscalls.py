@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import clock
+from agent import ntpsync as clock
 from agent.commands import sign_command
 from agent.demo import trip
 from agent.localbroker import BrokerTls, Mosquitto, mosquitto_binary
@@ -71,7 +71,7 @@ def tool(name: str) -> str:
     found = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
     if found is None:
         pytest.skip(f"LOUD SKIP: {name} is not installed, so the unit's system-call filter cannot be checked "
-                    f"against the agent: run .ci/setup (apt-get install -y strace systemd)")
+                    f"against the agent: run .ci/setup --tests (apt-get install -y strace systemd)")
     return found
 
 
