@@ -329,7 +329,9 @@ class Agent:
             },
             "uplink": self.uplink.status(),
             "commands": None if getattr(self.uplink, "commands", None) is None else {
-                "accepted": self.uplink.commands.accepted, "rejected": self.uplink.commands.rejected},
+                "accepted": self.uplink.commands.accepted, "rejected": self.uplink.commands.rejected,
+                "nonce_record_unusable_at_start": self.uplink.commands.record.unusable,
+                "nonce_record_write_errors": self.uplink.commands.record.write_errors},
             "drivers": {source: driver_status(d) | self.sources[source].status()
                         for source, d in zip(self.sources, self.drivers)},
             "store": {

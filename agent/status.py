@@ -53,6 +53,7 @@ def collect(store_path: Path) -> dict[str, Any]:
         "reporting": agent.get("reporting"),
         "fix_filter": agent.get("fix_filter"),
         "clock": agent.get("clock"),
+        "commands": agent.get("commands"),
     }
 
 
@@ -108,6 +109,14 @@ def render(s: dict[str, Any]) -> str:
         source = "GPS" if c.get("gps_time") else ("system clock (NTP)" if c.get("system_trusted") else "none yet")
         err = f"; system clock off by {c['system_error_s']:+.1f} s" if c.get("system_error_s") is not None else ""
         lines.append(f"time source: {source}{err}")
+    if s.get("commands"):
+        c = s["commands"]
+        refused = sum((c.get("rejected") or {}).values())
+        record = c.get("nonce_record_unusable_at_start")
+        lines.append(f"commands: {c.get('accepted', 0)} accepted, {refused} refused"
+                     + (f"; nonce record {record} at start: commands signed before it refused" if record else "")
+                     + (f"; nonce record write errors {c['nonce_record_write_errors']}"
+                        if c.get("nonce_record_write_errors") else ""))
     if s.get("rejected_readings"):
         lines.append(f"rejected readings: {s['rejected_readings']}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from agent.commands import CommandHandler, sign_command
 from agent.demo import trip
 from agent.localbroker import Mosquitto
 from agent.reading import iso_ms
-from support import AgentProcess, Backend, agent_config, wait_until
+from support import REPO, AgentProcess, Backend, agent_config, wait_until
 
 REPO_DOCS = Path(__file__).resolve().parents[1] / "docs"
 KEY = b"command-key-for-CQ-HN-0042-0123456789"
@@ -387,5 +388,8 @@ def test_a_captured_command_cannot_be_replayed_after_a_restart_or_a_power_cut(tm
                     record.write_bytes(b"\x00" * 37 + b'{"version":1')
                 else:
                     agent.terminate()
+                    status = subprocess.run([sys.executable, "-m", "agent", "status", "--config", str(cfg)],
+                                            capture_output=True, text=True, cwd=REPO, timeout=30).stdout
+                    assert "nonce record damaged" in status and "commands signed before it refused" in status, status
     finally:
         op.close()

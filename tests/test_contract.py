@@ -783,3 +783,27 @@ def test_data_dropped_alarms_match_the_document(tmp_path: Path, contract: Contra
     assert {(a["kind"], a["dropped_stream"], a["reason"], "first_seq" in a) for a in dropped} == {
         ("data_dropped", "position", "too_old", True), ("data_dropped", "position", "store_full", True),
         ("data_dropped", "can", "unwritable", False)}
+
+
+def test_a_health_reading_after_driver_crashes_matches_the_document(tmp_path: Path, contract: Contract,
+                                                                    closed: Contract) -> None:
+    """`restarts` and `dead_sources` appear only after a crash, so the published run above
+    never shows them: checked here on the runner's own health reading."""
+    from agent.health import health_reading
+
+    agent = _agent(tmp_path, time={"trust_system_clock": "always"})
+    agent.store.start()
+    try:
+        agent.emit(health_reading(
+            started_mono=agent.started_mono, clock=agent.clock, drivers=agent.drivers,
+            pipeline_status=agent.pipeline.status(), pending=0, time_pending=0,
+            sources={"gps": {"restarts": 2, "crashes": 2, "dead": False},
+                     "seals:rear_door": {"restarts": 0, "crashes": 1, "dead": True}}))
+        assert agent.store.flush()
+        payloads = _published_payloads(agent.store)
+    finally:
+        agent.store.close()
+    [(stream, payload)] = payloads
+    body = json.loads(payload)
+    assert body["restarts"] == {"gps": 2, "seals:rear_door": 0} and body["dead_sources"] == ["seals:rear_door"]
+    assert contract.problems(stream, payload) == [] and closed.problems(stream, payload) == []
