@@ -16,8 +16,8 @@ has, in this order:
    (512 weeks, 9.8 years) after it, nor, live, more than ``LIVE_BEFORE_RELEASE`` before it.
 
 A time more than half an era behind the evidence is a victim of the 10-bit GPS week rollover
-and moves forward by 1024 weeks; a time outside the evidence's window is refused and counted
-by reason. Times are plain integers (ms, days) throughout: no date arithmetic can overflow.
+and moves forward by 1024 weeks (twice at most); a time before GPS time began (1980) is no
+rollover but nonsense; a time outside the evidence's window is refused and counted by reason. Times are plain integers (ms, days) throughout: no date arithmetic can overflow.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ possible but bounded; a replay's gaps and jumps are rarely longer)."""
 REANCHOR = 5
 LIVE_BEFORE_RELEASE_MS = 30 * DAY_MS
 GPS_EPOCH_MS = 315_964_800_000  # 1980-01-06: no GNSS time is earlier
+MAX_ROLLOVERS = 2
+"""A 10-bit week counter has rolled over twice (1999, 2019): no receiver is further behind."""
 EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
@@ -92,8 +94,14 @@ class GnssTimeJudge:
         system clock or a capture's header): such a time is checked, but is no evidence about
         the next one (it never becomes the anchor)."""
         window = self._window(mono_ns)
+        if ts_ms < GPS_EPOCH_MS:
+            self.refused["before_gnss_time"] += 1  # no receiver can mean it: not a rollover
+            return None
         if ts_ms < window.era - HALF_ERA_MS:
             eras = -(-(window.era - HALF_ERA_MS - ts_ms) // ERA_MS)
+            if eras > MAX_ROLLOVERS:
+                self.refused["before_gnss_time"] += 1
+                return None
             ts_ms += eras * ERA_MS
             self.rollover += 1
         if window.lo <= ts_ms <= window.hi:

@@ -121,6 +121,15 @@ def test_a_receiver_that_starts_with_a_wrong_date_is_believed_once_it_agrees_wit
 # -- week rollover -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("year", [1, 1000, 1900, 1979, 1950])
+def test_a_date_before_gnss_time_is_refused_not_rolled_over_into_the_era(year: int) -> None:
+    """Year 1 is no receiver's rollover bug: 'correcting' it by 103 eras would publish a
+    plausible-looking wrong date."""
+    lines = [zda(T0, 24, 11, year), gga(T0)]
+    fixes, asm = feed(lines)
+    assert fixes == [] and asm.judge.refused == {"before_gnss_time": 1} and asm.judge.rollover == 0
+
+
 def test_a_2019_capture_keeps_its_dates() -> None:
     """The floor was fixed at 2025: a 2019 capture moved 1024 weeks on, its own header ignored."""
     t = round(dt.datetime(2019, 3, 28, 16, 45, tzinfo=dt.UTC).timestamp() * 1000)
