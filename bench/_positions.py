@@ -1,6 +1,6 @@
 """Realistic position readings for the benchmarks: a lorry heading south-west from Chongqing.
 
-One fix a second, with the fields and rounding the NMEA driver produces (drivers/nmea.py
+One fix a second, with the fields and rounding the NMEA driver produces (drivers/gps/nmea.py
 ``Fix.as_data``), so payload sizes match what a real backlog holds (~200 bytes a reading).
 Deterministic (seeded), so every run and both sides of a comparison see the same data.
 """
@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "tests"):  # tests/ holds the test kit the benchmarks share (linksim)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from agent.reading import Reading  # noqa: E402
+from agent.model.reading import Reading  # noqa: E402
 
 DEVICE = "CQ-HN-0042"
 START_MS = 1_795_000_000_000  # 2026-11-18T11:06:40Z

@@ -1,4 +1,4 @@
-"""CAN path: J1939 frames per second through ``drivers.can.CanBus``, against bare ``bus.recv()``,
+"""CAN path: J1939 frames per second through ``drivers.can.bus.CanBus``, against bare ``bus.recv()``,
 and the driver's CPU share of one core at a realistic 1,500 frames/s.
 
 The frame loop is the agent's hottest path (a loaded 500 kbit/s truck bus carries thousands of
@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import canlog as cl  # noqa: E402
 
 from agent.config import CanConfig  # noqa: E402
-from drivers.can import CanBus  # noqa: E402
+from drivers.can.bus import CanBus  # noqa: E402
 
 GOAL_FPS, GOAL_RATIO, GOAL_CPU = 50_000, 0.5, 5.0
 RATE = 1_500

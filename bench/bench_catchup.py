@@ -5,7 +5,7 @@ Setup (untimed): a store is filled, in time order, with a 24 h backlog at 1 Hz: 
 realistic positions (bench/_positions.py) and the events of a day at the borders: 20 seal
 events (10 customs stops, each `opened` then `sealed`, e-seal fields and the last fix) and 40
 alarms (10 `seal_opened`, 10 geofence enter/exit pairs, 5 temperature active/cleared pairs),
-urgent and chained (agent/chain.py) as the agent stores them. A private mosquitto runs on
+urgent and chained (agent/model/chain.py) as the agent stores them. A private mosquitto runs on
 loopback; a backend subscriber (paho, MQTT 5, QoS 1 on ``lorry/#``) connects to it directly
 before the agent starts and decodes every message with ``agent.watch.decode`` (JSON or
 compact). Between the agent and the broker: ``agent.linksim.LinkSim`` with 300 ms round trip
@@ -51,12 +51,12 @@ import psutil
 from _positions import DEVICE, REPO, positions
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.chain import Chain
-from agent.linksim import LinkSim
-from agent.localbroker import Mosquitto
-from agent.reading import Reading
-from agent.store import Store
-from agent.watch import DecodeError, decode
+from agent.model.chain import Chain
+from linksim import LinkSim
+from agent.demo.broker import Mosquitto
+from agent.model.reading import Reading
+from agent.store.buffer import Store
+from agent.tools.watch import DecodeError, decode
 
 EVERYTHING_GOAL_S = 90.0
 NEWEST_GOAL_S = 5.0

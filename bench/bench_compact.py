@@ -32,8 +32,8 @@ from _positions import DEVICE, positions
 
 from agent import compact
 from agent.demo import trip
-from agent.reading import Reading, encode_parts
-from drivers.nmea import NmeaAssembler
+from agent.model.reading import Reading, encode_parts
+from drivers.gps.nmea import NmeaAssembler
 
 ENCODE_GOAL = 50_000
 BYTES_GOAL = 15.0

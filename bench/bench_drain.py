@@ -1,11 +1,11 @@
 """Backlog drain: position readings acknowledged per second at QoS 1, and the agent's peak RSS.
 
 Setup (untimed): a store is filled with N realistic positions (Store.append + flush), closed
-and copied twice; a private mosquitto runs on loopback (agent/localbroker.py), no subscriber.
+and copied twice; a private mosquitto runs on loopback (agent/demo/broker.py), no subscriber.
 
 Project figures:
 
-* drain rate: ``Store`` + ``MqttUplink`` (agent/uplink.py) on a copy of the filled store, with
+* drain rate: ``Store`` + ``MqttUplink`` (agent/uplink/mqtt.py) on a copy of the filled store, with
   a config from ``agent.config.parse`` (default ``max_batch``/``max_inflight``). The clock
   runs from ``uplink.start()`` until the broker has acknowledged every reading
   (``readings_acked == N``); the time until ``store.pending() == 0`` is printed too.
@@ -23,7 +23,7 @@ Baselines, same run, same broker:
   fastest: ``loop_start()`` with the publisher in another thread ran 25-40% slower, and so
   did queueing 1,000 ahead of the window. (All 100k cannot simply be queued at once: paho's
   message ids wrap at 65,535 and ``publish`` then fails with MQTT_ERR_QUEUE_SIZE.)
-* RSS floor: ``python -c "import agent.runner"`` (then a short sleep so it is sampled the
+* RSS floor: ``python -c "import agent.daemon.runner"`` (then a short sleep so it is sampled the
   same way): the same interpreter with the agent's modules loaded and nothing done, so the
   RSS ratio shows what the drain itself costs.
 
@@ -50,9 +50,9 @@ from _positions import DEVICE, REPO, positions
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import parse
-from agent.localbroker import Mosquitto
-from agent.store import Store
-from agent.uplink import MqttUplink
+from agent.demo.broker import Mosquitto
+from agent.store.buffer import Store
+from agent.uplink.mqtt import MqttUplink
 
 RATE_GOAL = 2.0
 RSS_GOAL_MB = 60.0
@@ -199,7 +199,7 @@ def main() -> None:
             t_raw = raw_paho(broker.port, topic, bodies)
             t_acked, t_empty = agent_drain(broker.port, tmp / "inproc.db", n)
             p_wall, p_rss = agent_process(broker.port, tmp / "process.db", tmp)
-            _, floor_rss = child_rss([sys.executable, "-c", "import agent.runner, time; time.sleep(0.3)"])
+            _, floor_rss = child_rss([sys.executable, "-c", "import agent.daemon.runner, time; time.sleep(0.3)"])
         finally:
             broker.stop()
 
@@ -214,7 +214,7 @@ def main() -> None:
           f"{'met' if ratio >= RATE_GOAL else 'NOT met'}")
     print(f"  peak RSS, `python -m agent run --until-drained` {p_rss:>6.1f} MB "
           f"(process wall {p_wall:.2f} s incl. start-up and 1 s drain check)")
-    print(f"  baseline RSS, python -c 'import agent.runner'   {floor_rss:>6.1f} MB")
+    print(f"  baseline RSS, python -c 'import agent.daemon.runner'   {floor_rss:>6.1f} MB")
     print(f"  ratio drain/floor                                {p_rss / floor_rss:>6.2f}x   "
           f"goal <= {RSS_GOAL_MB:.0f} MB: {'met' if p_rss <= RSS_GOAL_MB else 'NOT met'}")
 

@@ -1,6 +1,6 @@
 """GPS parsing path: NMEA lines per second through ``NmeaAssembler``, against bare pynmea2.
 
-Project figure: one ``drivers.nmea.NmeaAssembler()`` fed every line in order with ``feed()``
+Project figure: one ``drivers.gps.nmea.NmeaAssembler()`` fed every line in order with ``feed()``
 (its generator consumed, as the GPS driver does), then ``finish()``; the clock runs from the
 first line until ``finish`` returns. That is all the driver does with a line between reading
 it and emitting a fix: find the sentence ('$' noise and collisions), verify the '*hh' checksum
@@ -47,7 +47,7 @@ import pynmea2
 from _positions import REPO
 
 from agent.demo.trip import drive, nmea_lines
-from drivers.nmea import NmeaAssembler
+from drivers.gps.nmea import NmeaAssembler
 
 GOAL = 0.8
 DEFAULT_CAPTURES = REPO.parent / "shared" / "data" / "nmea" / "gpsd"

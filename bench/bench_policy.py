@@ -23,7 +23,7 @@ is what the policy saves, and the fidelity figure below says what that saving co
 
 Fidelity: the largest distance from any fix of the full track to the polyline through the
 reported fixes (for each fix between two consecutive reported ones, its distance to that
-segment, in ``agent.geo.local_xy`` metres around the segment's start), and the place
+segment, in ``agent.model.geo.local_xy`` metres around the segment's start), and the place
 (``TruthFix.place``) where it occurs. Fixes after the last report have no segment yet (the
 next report was not due when the track ended) and are not measured; their number is printed.
 
@@ -45,9 +45,9 @@ from _positions import DEVICE
 
 from agent.config import ReportingConfig
 from agent.demo.trip import TruthFix, drive
-from agent.geo import local_xy, segment_distance_m
-from agent.policy import ReportingPolicy
-from agent.reading import Reading, encode_parts
+from agent.model.geo import local_xy, segment_distance_m
+from agent.pipeline.reporting import ReportingPolicy
+from agent.model.reading import Reading, encode_parts
 
 FEWER_GOAL = 5.0
 DEVIATION_GOAL_M = 25.0
@@ -67,7 +67,7 @@ def ts_ms(f: TruthFix) -> int:
 
 
 def as_data(f: TruthFix) -> dict:
-    """What drivers/nmea.py ``Fix.as_data`` gives for this epoch."""
+    """What drivers/gps/nmea.py ``Fix.as_data`` gives for this epoch."""
     return {"lat": f.lat, "lon": f.lon, "speed_kmh": f.speed_kmh, "course": f.course,
             "alt_m": f.alt_m, "sats": f.sats, "hdop": f.hdop, "fix": "gps"}
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from _positions import DEVICE, positions
 
-from agent.reading import encode_parts
-from agent.store import Store
+from agent.model.reading import encode_parts
+from agent.store.buffer import Store
 
 GOAL = 20_000
 

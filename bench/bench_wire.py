@@ -6,7 +6,7 @@ encoding; a private mosquitto runs on loopback.
 
 Project figure: the real agent, ``python -m agent run --config F --until-drained`` (no [gps]
 section, so it exits once the store is empty), connects to the broker through
-``agent.linksim.LinkSim`` (no delay, no rate limit: only a counter). Every byte the relay
+``linksim.LinkSim`` (no delay, no rate limit: only a counter). Every byte the relay
 carries both ways is counted: TCP payload, so MQTT framing, CONNECT, the retained status
 messages, topics, PUBACKs and keepalives are all in; TCP/IP headers are not (they depend on
 segmenting, which loopback does not model). Divided by the positions delivered (the store is
@@ -48,8 +48,8 @@ from _positions import DEVICE, REPO
 from bench_drain import copy_db, fill
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.linksim import LinkSim
-from agent.localbroker import Mosquitto
+from linksim import LinkSim
+from agent.demo.broker import Mosquitto
 
 GOAL_B = 15.0
 TIMEOUT_S = 600.0

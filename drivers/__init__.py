@@ -12,25 +12,25 @@ from drivers.base import Driver
 
 REGISTRY: dict[str, dict[str, str]] = {
     "gps": {
-        "nmea": "drivers.gps:NmeaGps",
-        "gpsd": "drivers.gpsd:GpsdGps",
+        "nmea": "drivers.gps.receiver:NmeaGps",
+        "gpsd": "drivers.gps.gpsd:GpsdGps",
     },
     "can": {
-        "socketcan": "drivers.can:CanBus",
-        "virtual": "drivers.can:CanBus",
-        "replay": "drivers.can:CanBus",
+        "socketcan": "drivers.can.bus:CanBus",
+        "virtual": "drivers.can.bus:CanBus",
+        "replay": "drivers.can.bus:CanBus",
     },
     "seal": {
-        "gpio": "drivers.seal_gpio:GpioSeal",
-        "serial": "drivers.seal_serial:SerialSeal",
-        "sim": "drivers.seal_sim:SimSeal",
+        "gpio": "drivers.seal.gpio:GpioSeal",
+        "serial": "drivers.seal.serial:SerialSeal",
+        "sim": "drivers.seal.sim:SimSeal",
     },
     "temperature": {
-        "ds18b20": "drivers.temp_ds18b20:Ds18b20",
-        "sim": "drivers.temp_sim:SimTemperature",
+        "ds18b20": "drivers.temperature.ds18b20:Ds18b20",
+        "sim": "drivers.temperature.sim:SimTemperature",
     },
     "ignition": {
-        "gpio": "drivers.ignition:GpioIgnition",
+        "gpio": "drivers.ignition.gpio:GpioIgnition",
     },
 }
 

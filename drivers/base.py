@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from agent.reading import Reading
+from agent.model.reading import Reading
 
 Emit = Callable[[Reading], None]
 
@@ -29,7 +29,7 @@ class Driver(ABC):
         self.config = config
         self.emit = emit
         self.clock: Any = None
-        """The agent's trusted clock (agent/clock.py TimeKeeper), set before run()."""
+        """The agent's trusted clock (agent/model/clock.py TimeKeeper), set before run()."""
 
     @abstractmethod
     def run(self, stop: threading.Event) -> None: ...

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from agent.localbroker import Mosquitto, mosquitto_binary  # noqa: E402
+from agent.demo.broker import Mosquitto, mosquitto_binary  # noqa: E402
 from support import Backend  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -87,8 +87,8 @@ class Backend:
 
     @staticmethod
     def decode(payload: bytes) -> list[dict[str, Any]]:
-        """A message's readings, JSON or compact, as the backend decodes them (agent/watch.py)."""
-        from agent.watch import decode
+        """A message's readings, JSON or compact, as the backend decodes them (agent/tools/watch.py)."""
+        from agent.tools.watch import decode
 
         return decode(payload)
 

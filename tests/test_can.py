@@ -1,4 +1,4 @@
-"""The CAN driver (drivers/can.py) with real parts: captures written by tests/canlog.py and
+"""The CAN driver (drivers/can/bus.py) with real parts: captures written by tests/canlog.py and
 replayed through can.LogReader (candump .log and Vector .asc), the CSS Electronics J1939 DBC
 decoded with cantools, python-can's virtual bus for the live path (receiving, requests, error
 frames, an interface that is down or fails mid-run), and the real agent process publishing a
@@ -20,10 +20,10 @@ import pytest
 
 import canlog as cl
 from agent.config import CanConfig, SignalConfig
-from agent.localbroker import Mosquitto
-from agent.reading import Reading, iso_ms
+from agent.demo.broker import Mosquitto
+from agent.model.reading import Reading, iso_ms
 from conftest import SHARED_DATA
-from drivers.can import CanBus
+from drivers.can.bus import CanBus
 from support import AgentProcess, Backend, Running, agent_config, wait_until
 from support import Collector as _Collector
 
@@ -465,9 +465,9 @@ def test_live_error_frames_and_bus_off_are_counted() -> None:
 
 
 def test_live_bus_off_then_silence_reopens_the_interface(monkeypatch: pytest.MonkeyPatch) -> None:
-    import drivers.can
+    import drivers.can.bus
 
-    monkeypatch.setattr(drivers.can, "BUS_OFF_REOPEN_S", 0.6)
+    monkeypatch.setattr(drivers.can.bus, "BUS_OFF_REOPEN_S", 0.6)
     ch = channel()
     sender = cl.virtual_bus(ch)
     got = Collector()
@@ -488,9 +488,9 @@ def test_live_bus_off_then_silence_reopens_the_interface(monkeypatch: pytest.Mon
 
 
 def test_live_no_reopen_when_frames_followed_the_bus_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    import drivers.can
+    import drivers.can.bus
 
-    monkeypatch.setattr(drivers.can, "BUS_OFF_REOPEN_S", 0.6)
+    monkeypatch.setattr(drivers.can.bus, "BUS_OFF_REOPEN_S", 0.6)
     ch = channel()
     sender = cl.virtual_bus(ch)
     driver = CanBus(live_config(ch), Collector())

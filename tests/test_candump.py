@@ -1,4 +1,4 @@
-"""candump text captures (drivers/candump.py and the replay in drivers/can.py): every form
+"""candump text captures (drivers/can/candump.py and the replay in drivers/can/bus.py): every form
 candump writes or prints, whatever the file is called, end to end through `run --dry-run` and
 `check-config`; captures that cannot be read are refused, naming the file; and property tests:
 no line or byte sequence makes the parser raise or yield an impossible frame, and a good frame
@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 import canlog as cl
 from agent.config import CanConfig
-from agent.localbroker import free_port
-from drivers import candump
-from drivers.can import CanBus, CaptureError, _frames, open_capture
+from agent.demo.broker import free_port
+from drivers.can import candump
+from drivers.can.bus import CanBus, CaptureError, _frames, open_capture
 from support import REPO, Collector, agent_config
 
 # A short truck: engine, wheel speed, DM1 over BAM, the VIN, 11-bit frames, error frames.

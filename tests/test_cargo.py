@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.localbroker import Mosquitto
+from agent.demo.broker import Mosquitto
 from support import REPO, AgentProcess, Backend, agent_config, store_depth, wait_until
 
-DEMO = REPO / "config" / "demo.toml"
+DEMO = REPO / "agent" / "demo" / "data" / "demo.toml"
 
 
 def cargo_sections(tmp_path: Path) -> dict:
-    """The demo's seal, reefer and zones (config/demo.toml), and a chain key."""
+    """The demo's seal, reefer and zones (agent/demo/data/demo.toml), and a chain key."""
     import tomllib
 
     demo = tomllib.loads(DEMO.read_text())
@@ -25,7 +25,7 @@ def cargo_sections(tmp_path: Path) -> dict:
     key.write_text("customs-transit-key-CQ-HN-0042\n")
     key.chmod(0o600)
     return {
-        "gps": {"replay": str(REPO / "config" / "demo" / "trip.nmea.gz"), "replay_speed": 0},
+        "gps": {"replay": str(REPO / "agent" / "demo" / "data" / "trip.nmea.gz"), "replay_speed": 0},
         "seals": demo["seals"], "temperature": demo["temperature"], "geofences": demo["geofences"],
         "chain": {"hmac_key_file": str(key)},
         "reporting": {"min_period_s": 120, "min_distance_m": 1000, "min_heading_deg": 8},

@@ -3,7 +3,7 @@
 Whatever a reader sends or a sysfs file holds (line noise, a checksummed frame full of
 nonsense, a vendor module that returns junk, a FIFO where a file should be, a probe that
 vanishes), the driver keeps running, never publishes a value outside its field's physical range
-(agent/ranges.py) or a malformed one, counts what it refused under a named status counter, and
+(agent/model/ranges.py) or a malformed one, counts what it refused under a named status counter, and
 never loses the good line or file that comes next. Nothing from a seal line moves the clock.
 """
 
@@ -29,14 +29,14 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from agent.cargo_config import SerialSealConfig
-from agent.clock import TimeKeeper
-from agent.ranges import FIELDS
-from drivers import seal_serial
-from drivers.eseal import BadLine, EsealMessage
-from drivers.eseal.generic import GenericProtocol, sentence
-from drivers.seal_serial import SerialSeal
-from drivers.temp_ds18b20 import ERRORS
+from agent.config.cargo import SerialSealConfig
+from agent.model.clock import TimeKeeper
+from agent.model.ranges import FIELDS
+from drivers.seal import serial as seal_serial
+from drivers.seal.eseal import BadLine, EsealMessage
+from drivers.seal.eseal.generic import GenericProtocol, sentence
+from drivers.seal.serial import SerialSeal
+from drivers.temperature.ds18b20 import ERRORS
 from support import Collector as _Collector
 from support import Running
 from test_temperature import SENSOR, ds18b20, sensor, w1_slave

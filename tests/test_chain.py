@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.chain import Chain, canonical, genesis
-from agent.reading import Reading
-from agent.store import Store
-from agent.verify import verify
+from agent.model.chain import Chain, canonical, genesis
+from agent.model.reading import Reading
+from agent.store.buffer import Store
+from agent.tools.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = b"0123456789abcdef-device-key"

@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from agent import cli
-from agent.cargo_config import Role
+from agent.config.cargo import Role
 from agent.config import Config
 from agent.demo import trip
-from agent.localbroker import free_port
+from agent.demo.broker import free_port
 from support import REPO
 
 UTC = dt.timezone.utc
@@ -123,7 +123,7 @@ def test_absurd_store_sizes_are_refused_with_what_is_allowed(tmp_path: Path, val
 
 
 def test_a_store_larger_than_its_disk_is_allowed(tmp_path: Path) -> None:
-    # A full disk is handled at run time (agent/space.py): a small card is no config error.
+    # A full disk is handled at run time (agent/store/capacity.py): a small card is no config error.
     fs = os.statvfs(tmp_path)
     disk_mb = fs.f_blocks * fs.f_frsize / 2**20
     if disk_mb * 2 > 4 * 2**20:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from agent.demo import trip
-from agent.localbroker import free_port
+from agent.demo.broker import free_port
 from support import REPO, AgentProcess, agent_config, store_depth, wait_until
 
 
@@ -123,13 +123,13 @@ def test_bundled_trip_is_what_the_script_generates(tmp_path: Path) -> None:
 
     out = tmp_path / "trip.nmea.gz"
     trip.write(out)
-    bundled = REPO / "config" / "demo" / "trip.nmea.gz"
+    bundled = REPO / "agent" / "demo" / "data" / "trip.nmea.gz"
     assert gzip.decompress(out.read_bytes()) == gzip.decompress(bundled.read_bytes())
     assert os.path.getsize(bundled) < 1_000_000
 
 
 def test_a_second_agent_on_a_store_exits_1_naming_the_holder_and_status_still_works(tmp_path: Path) -> None:
-    from agent.storelock import StoreLock
+    from agent.store.lock import StoreLock
 
     cfg = agent_config(tmp_path, free_port())
     db = tmp_path / "state" / "buffer.db"

@@ -15,11 +15,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.clock import TimeKeeper
-from agent.commands import CommandHandler, sign_command
+from agent.model.clock import TimeKeeper
+from agent.uplink.commands import CommandHandler, sign_command
 from agent.demo import trip
-from agent.localbroker import Mosquitto
-from agent.reading import iso_ms
+from agent.demo.broker import Mosquitto
+from agent.model.reading import iso_ms
 from support import REPO, AgentProcess, Backend, agent_config, wait_until
 
 REPO_DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -278,7 +278,7 @@ def test_a_replay_after_the_record_is_lost_or_damaged_is_refused(tmp_path: Path,
 def test_the_nonce_is_on_disk_and_fsynced_before_the_action_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from agent import commands as commands_module
+    from agent.uplink import commands as commands_module
 
     record = tmp_path / "buffer.db.commands"
     events: list[str] = []

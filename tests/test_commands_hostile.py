@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.clock import TimeKeeper
-from agent.commands import MAX_COMMAND_BYTES, CommandHandler, sign_command
-from agent.localbroker import Mosquitto
-from agent.reading import iso_ms
+from agent.model.clock import TimeKeeper
+from agent.uplink.commands import MAX_COMMAND_BYTES, CommandHandler, sign_command
+from agent.demo.broker import Mosquitto
+from agent.model.reading import iso_ms
 from support import AgentProcess, agent_config, wait_until
 from test_commands import KEY, NOW, command
 

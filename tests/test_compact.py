@@ -1,4 +1,4 @@
-"""The compact encoding (agent/compact.py, docs/compact.md): lossless on every stream, small on
+"""The compact encoding (agent/compact/__init__.py, docs/compact.md): lossless on every stream, small on
 1 Hz position backlogs, and a decoder that refuses anything malformed with CompactError only."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import compact
-from agent.chain import Chain
+from agent.model.chain import Chain
 from agent.compact import CompactError, decode, encode, is_compact
 from agent.demo import trip
-from agent.reading import Reading, encode_parts, iso_ms, resolved_body
-from agent.verify import verify
-from drivers.nmea import NmeaAssembler
+from agent.model.reading import Reading, encode_parts, iso_ms, resolved_body
+from agent.tools.verify import verify
+from drivers.gps.nmea import NmeaAssembler
 from support import REPO
 
 DEV = "CQ-HN-0042"

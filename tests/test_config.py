@@ -29,9 +29,9 @@ def problems(tmp_path: Path, text: str) -> list[str]:
     return e.value.problems
 
 
-@pytest.mark.parametrize("name", ["agent.example.toml", "demo.toml"])
+@pytest.mark.parametrize("name", ["config/agent.example.toml", "agent/demo/data/demo.toml"])
 def test_shipped_configs_are_valid(name: str) -> None:
-    cfg = config.load(REPO / "config" / name)
+    cfg = config.load(REPO / name)
     assert cfg.device.id == "CQ-HN-0042"
     assert cfg.topic("position") == "lorry/CQ-HN-0042/position"
 

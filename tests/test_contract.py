@@ -42,10 +42,10 @@ from referencing.jsonschema import DRAFT202012
 
 import canlog as cl
 from agent import compact
-from agent.commands import sign_command
+from agent.uplink.commands import sign_command
 from agent.demo import trip
-from agent.localbroker import Mosquitto
-from agent.reading import Reading, iso_ms
+from agent.demo.broker import Mosquitto
+from agent.model.reading import Reading, iso_ms
 from support import REPO, AgentProcess, Backend, agent_config, store_depth, wait_until
 
 DOC_PATH = REPO / "docs" / "asyncapi.yaml"
@@ -496,7 +496,7 @@ def run_sections(tmp: Path) -> dict[str, Any]:
     """A config that makes every stream and most alarm kinds appear within seconds."""
     import tomllib
 
-    demo = tomllib.loads((REPO / "config" / "demo.toml").read_text())
+    demo = tomllib.loads((REPO / "agent" / "demo" / "data" / "demo.toml").read_text())
     nmea = tmp / "trip.nmea"
     trip.write(nmea, interval_s=5, max_hours=0.25)  # 22:00-22:15, out of the Chongqing depot
     can_log = cl.write_log(tmp / "truck.log", cl.truck().frames)  # DTCs appear and clear; a silent gap
@@ -714,14 +714,14 @@ def test_status_is_retained_and_the_last_will_says_offline(published: Published,
 
 def _agent(tmp: Path, **sections: Any) -> Any:
     from agent.config import load
-    from agent.runner import Agent
+    from agent.daemon.runner import Agent
 
     return Agent(load(agent_config(tmp, 1883, **sections)))
 
 
 def _published_payloads(store: Any) -> list[tuple[str, bytes]]:
     """What the uplink would publish from this store right now: (stream, payload)."""
-    from agent.outbox import Outbox
+    from agent.uplink.outbox import Outbox
 
     outbox = Outbox(store, max_batch=200, max_bytes=131_072)
     out = []
@@ -751,9 +751,9 @@ def test_a_reading_without_trusted_time_matches_the_document(tmp_path: Path, con
 
 
 def test_data_dropped_alarms_match_the_document(tmp_path: Path, contract: Contract, closed: Contract) -> None:
-    """The store gives readings up (agent/retention.py: too old, over max_mb; agent/store.py:
+    """The store gives readings up (agent/store/retention.py: too old, over max_mb; agent/store/buffer.py:
     unwritable): the runner's alarms, as the uplink would publish them."""
-    from agent.retention import Dropped
+    from agent.store.retention import Dropped
 
     agent = _agent(tmp_path, time={"trust_system_clock": "always"}, store_extra={"max_mb": 0.05, "max_age_days": 1})
     agent.store.start()
@@ -789,7 +789,7 @@ def test_a_health_reading_after_driver_crashes_matches_the_document(tmp_path: Pa
                                                                     closed: Contract) -> None:
     """`restarts` and `dead_sources` appear only after a crash, so the published run above
     never shows them: checked here on the runner's own health reading."""
-    from agent.health import health_reading
+    from agent.daemon.health import health_reading
 
     agent = _agent(tmp_path, time={"trust_system_clock": "always"})
     agent.store.start()

@@ -166,14 +166,15 @@ def test_files_modes_and_owners(deb: Path, python_version: str) -> None:
     assert order.index("/opt/lorry-agent/venv") > max(i for i, p in enumerate(order) if p.startswith(release))
 
     paths = set(by_path)
-    assert any(p.endswith("/site-packages/agent/cli.py") for p in paths)
-    assert any(p.endswith("/site-packages/drivers/gps.py") for p in paths)
+    assert any(p.endswith("/site-packages/agent/cli/__init__.py") for p in paths)
+    assert any(p.endswith("/site-packages/drivers/gps/receiver.py") for p in paths)
+    assert any(p.endswith("/site-packages/agent/demo/data/trip.nmea.gz") for p in paths), "the demo trip ships"
     shipped_but_should_not = sorted(
         p for p in paths
         if "/__pycache__/" in p or p.endswith(".pyc")                       # postinst compiles
         or re.search(r"/site-packages/(tests|bench)/", p)                   # test and bench code
         or re.search(r"/site-packages/(pip|setuptools)[-/]", p)             # nothing installs there
-        or p.endswith(("demo.toml", "trip.nmea.gz", "/bin/activate", "/bin/pip"))
+        or p.endswith(("/bin/activate", "/bin/pip"))  # (the demo trip ships: `lorry-agent demo`)
     )
     assert shipped_but_should_not == []
 
@@ -230,7 +231,7 @@ def test_example_config_as_shipped(deb: Path, tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
     where = sh(python, "-B", "-c", "import agent; print(agent.__file__)", cwd=tmp_path, env=env).stdout
     assert where.startswith(str(root / "opt/lorry-agent/releases")), where
-    r = sh(python, "-B", "-m", "agent.cli", "check-config", root / "etc/lorry-agent/agent.toml",
+    r = sh(python, "-B", "-m", "agent", "check-config", root / "etc/lorry-agent/agent.toml",
            check=False, cwd=tmp_path, env=env)
     assert r.returncode == 1, r
     problems = [line.strip() for line in r.stderr.splitlines()[1:]]
@@ -449,9 +450,9 @@ def test_install_upgrade_remove_purge_in_a_bookworm_chroot(deb: Path, chroot: Ch
 
     # -- the demo trip, dry run, with the packaged venv as the service user ----------------------
     demo = c.path("/tmp/demo")
-    (demo / "demo").mkdir(parents=True)
-    shutil.copy(REPO / "config/demo.toml", demo / "demo.toml")
-    shutil.copy(REPO / "config/demo/trip.nmea.gz", demo / "demo/trip.nmea.gz")
+    demo.mkdir(parents=True)
+    shutil.copy(REPO / "agent/demo/data/demo.toml", demo / "demo.toml")
+    shutil.copy(REPO / "agent/demo/data/trip.nmea.gz", demo / "trip.nmea.gz")
     c("chown", "-R", "lorry-agent:lorry-agent", "/tmp/demo")
     started = time.monotonic()
     r = c.as_agent("lorry-agent", "run", "--config", "/tmp/demo/demo.toml", "--dry-run", timeout=300)
@@ -462,7 +463,7 @@ def test_install_upgrade_remove_purge_in_a_bookworm_chroot(deb: Path, chroot: Ch
 
     # A store where the service keeps it: the demo trip recorded for real with no broker to take
     # it (connection refused), stopped by SIGTERM as systemd stops it
-    (demo / "store.toml").write_text((REPO / "config/demo.toml").read_text()
+    (demo / "store.toml").write_text((REPO / "agent/demo/data/demo.toml").read_text()
                                      .replace('path = "demo-state/buffer.db"', 'path = "/var/lib/lorry-agent/buffer.db"')
                                      .replace("port = 1883", "port = 1"))
     r = c.as_agent("timeout", "-s", "TERM", "10", "lorry-agent", "run", "--config", "/tmp/demo/store.toml", check=False)

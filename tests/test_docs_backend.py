@@ -4,13 +4,13 @@ A backend engineer works from docs/ alone, in any language; here in Node.js, as 
 
 1. the JavaScript decoder printed in docs/compact.md is run with ``node`` and cbor-x (pinned in
    .ci/setup --tests, installed into the git-ignored .ci/node) on the doc's worked example and on
-   messages the agent's own encoder (agent/compact.py) produced, and must give the readings'
+   messages the agent's own encoder (agent/compact/__init__.py) produced, and must give the readings'
    JSON form;
 2. the HMAC worked examples of docs/chain.md and docs/commands.md (a key file, a body, its
    HMAC) are recomputed with Python's hmac, with the agent's own code (``read_key``, ``Chain``,
    ``CommandHandler``) and with the Node.js lines the docs print;
 3. every default the documents state (docs/contract.md's table, "(default X)" in the prose,
-   the commented-out defaults of config/agent.example.toml) is the default of agent/config.py;
+   the commented-out defaults of config/agent.example.toml) is the default of agent/config/__init__.py;
 4. every refusal the command channel can give is in docs/commands.md;
 5. the MQTT 5 content type of each kind of message the agent publishes is the one
    docs/asyncapi.yaml's ``mqtt`` message binding declares (none for status and replies).
@@ -44,14 +44,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import BaseModel
 
 from agent import compact
-from agent.chain import CHAIN_FIELDS, Chain, canonical, read_key
-from agent.commands import CommandHandler, sign_command
+from agent.model.chain import CHAIN_FIELDS, Chain, canonical, read_key
+from agent.uplink.commands import CommandHandler, sign_command
 from agent.config import Config
 from agent.demo import trip
-from agent.localbroker import Mosquitto
-from agent.reading import Reading, encode_parts, resolved_body
-from agent.verify import verify
-from drivers.nmea import NmeaAssembler
+from agent.demo.broker import Mosquitto
+from agent.model.reading import Reading, encode_parts, resolved_body
+from agent.tools.verify import verify
+from drivers.gps.nmea import NmeaAssembler
 from support import REPO, AgentProcess, Backend, agent_config, wait_until
 
 DOCS = REPO / "docs"
@@ -194,7 +194,7 @@ def test_the_bigint_pitfall_the_doc_warns_about_is_real(node: str, cbor_x: Path,
 
 def bodies_of(stream: str, datas: list[dict[str, Any]], start_ms: int, *, step_ms: int = 1000, start_seq: int = 1,
               held: set[int] = frozenset()) -> list[str]:
-    """Bodies exactly as the store writes and the uplink sends them (agent/reading.py); the
+    """Bodies exactly as the store writes and the uplink sends them (agent/model/reading.py); the
     ``held`` ones waited for a trusted time and went with the system clock's (``ts_trusted``)."""
     out = []
     for i, data in enumerate(datas):
@@ -353,7 +353,7 @@ def test_chain_hmac_worked_example(tmp_path: Path) -> None:
 
 
 class StubClock:
-    """The device's trusted time, standing still (agent/clock.py ``TimeKeeper``'s interface)."""
+    """The device's trusted time, standing still (agent/model/clock.py ``TimeKeeper``'s interface)."""
 
     def __init__(self, iso: str | None):
         self.ts_ms = None if iso is None else int(dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
@@ -440,7 +440,7 @@ def model_of(annotation: Any) -> type[BaseModel] | None:
 
 
 def default_of(section_name: str, key: str) -> Any:
-    """The default of ``[section] key`` in agent/config.py (a KeyError when there is no such key)."""
+    """The default of ``[section] key`` in agent/config/__init__.py (a KeyError when there is no such key)."""
     model: type[BaseModel] = Config
     value: Any = None
     for part in section_name.split("."):
@@ -493,7 +493,7 @@ def defaults_table() -> list[tuple[str, str, str]]:
 def test_the_contract_defaults_table_is_agent_config() -> None:
     rows = defaults_table()
     assert ("mqtt", "max_batch") in {(s, k) for s, k, _v in rows}
-    wrong = [f"[{s}] {k}: the doc says {v.strip()}, agent/config.py {default_of(s, k)!r}"
+    wrong = [f"[{s}] {k}: the doc says {v.strip()}, agent/config/__init__.py {default_of(s, k)!r}"
              for s, k, v in rows if not same_default(parse_value(v), default_of(s, k))]
     assert not wrong, "docs/contract.md's defaults drifted:\n" + "\n".join(wrong)
 
@@ -513,7 +513,7 @@ def test_defaults_stated_in_the_prose_are_agent_config() -> None:
                 continue
             seen.append(f"{path.name}: [{m[1]}] {m[2]}")
             if not same_default(parse_value(m[3]), real):
-                wrong.append(f"{path.name}: [{m[1]}] {m[2]} (default {m[3]}), agent/config.py {real!r}")
+                wrong.append(f"{path.name}: [{m[1]}] {m[2]} (default {m[3]}), agent/config/__init__.py {real!r}")
     assert any("max_batch" in s for s in seen), seen  # the check sees what it is meant to see
     assert not wrong, "defaults in the docs' prose drifted:\n" + "\n".join(wrong)
 
@@ -555,10 +555,10 @@ def test_the_example_configs_commented_defaults_are_agent_config() -> None:
         checked.append(f"[{table}] {key}")
         if isinstance(real, (list, dict)):
             if value != real:
-                wrong.append(f"line {n}: [{table}] {key} = {value!r}, agent/config.py {real!r}")
+                wrong.append(f"line {n}: [{table}] {key} = {value!r}, agent/config/__init__.py {real!r}")
         elif not same_default(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value,
                               real):
-            wrong.append(f"line {n}: [{table}] {key} = {value!r}, agent/config.py {real!r}")
+            wrong.append(f"line {n}: [{table}] {key} = {value!r}, agent/config/__init__.py {real!r}")
     assert {"[mqtt] max_batch", "[commands] window_s", "[store] max_mb"} <= set(checked), checked
     assert not wrong, "config/agent.example.toml shows defaults that are not:\n" + "\n".join(wrong)
 
@@ -615,7 +615,7 @@ def literal_parts(node: ast.expr) -> list[str] | None:
 
 def refusals_in_code() -> tuple[dict[str, list[str]], list[str]]:
     """Every error text the code can put in a reply: each ``CommandError(…)`` anywhere in
-    agent/ (the actions of agent/runner.py raise it too), and each ``"error": …`` the command
+    agent/ (the actions of agent/daemon/runner.py raise it too), and each ``"error": …`` the command
     module writes into a reply itself. → ({where: literal parts}, problems)."""
     found: dict[str, list[str]] = {}
     problems = []

@@ -22,10 +22,10 @@ import pytest
 import drivers
 from agent.config import load
 from agent.demo import trip
-from agent.localbroker import free_port
-from agent.runner import Agent
-from drivers.gps import NmeaGps
-from drivers.seal_sim import SimSeal
+from agent.demo.broker import free_port
+from agent.daemon.runner import Agent
+from drivers.gps.receiver import NmeaGps
+from drivers.seal.sim import SimSeal
 from support import REPO, agent_config, wait_until
 
 HERE = Path(__file__).resolve().parent

@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 from agent.demo import trip
-from agent.localbroker import Mosquitto
-from agent.verify import verify
+from agent.demo.broker import Mosquitto
+from agent.tools.verify import verify
 from support import REPO, AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until
 
 SEED = int(os.environ.get("LORRY_FAULT_SEED", "20261121"))
@@ -609,7 +609,7 @@ def test_a_fresh_store_after_damage_does_not_reuse_seq_numbers(tmp_path: Path, b
     kept, conflicts = dedup(backend.readings())  # what a backend keeps: the first copy of each seq
     assert not conflicts, f"{len(conflicts)} (stream, seq) pairs reused with other content, e.g. {conflicts[:5]}"
     assert any(a["kind"] == "store_damaged" for a in kept["alarm"].values()), "the alarm survives de-duplication"
-    # The chain links straight on across the damaged file (agent/ledger.py keeps its head):
+    # The chain links straight on across the damaged file (agent/store/seqledger.py keeps its head):
     # with the events only that file held, it verifies whole; every gap in seq is announced.
     events = [r for s in ("seal", "alarm") for r in kept.get(s, {}).values()]
     (report,) = verify(events + unsent, CHAIN_KEY.strip().encode())

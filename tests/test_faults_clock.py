@@ -8,7 +8,7 @@ identical, the seal/alarm chain verified, the store sound).
    a trip with a scripted seal, a reefer, a geofence and health: the agent runs under
    libfaketime with only the wall clock faked (``FAKETIME_DONT_FAKE_MONOTONIC``), its offset
    rewritten in ``FAKETIME_TIMESTAMP_FILE`` as the test goes. Readings are stamped from the
-   monotonic clock tied to GPS time (agent/clock.py, docs/reporting.md), so no reading time may
+   monotonic clock tied to GPS time (agent/model/clock.py, docs/reporting.md), so no reading time may
    move: positions keep their GPS times, seal events their scripted times, everything else stays
    on the GPS timeline. Once with the broker up, once with it down during the jumps (the backlog
    is delivered later, under yet another jumped clock). That the jumps really reach the agent is
@@ -41,7 +41,7 @@ import pytest
 
 import canlog as cl
 from agent.demo import trip
-from agent.localbroker import Mosquitto
+from agent.demo.broker import Mosquitto
 from support import AgentProcess, Backend, agent_config, store_depth, wait_until
 from test_faults import START, cargo, check_delivery, dedup, last_seqs, log_result, scripted_seal_times, status
 

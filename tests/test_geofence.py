@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from agent.cargo_config import GeofenceConfig
+from agent.config.cargo import GeofenceConfig
 from agent.demo.trip import ROUTE, drive
-from agent.geo import EARTH_RADIUS_M, haversine_m, local_xy
-from agent.geofence import DEFAULT_MARGIN_M, Geofences, Zone, ZoneEvent
+from agent.model.geo import EARTH_RADIUS_M, haversine_m, local_xy
+from agent.pipeline.geofence import DEFAULT_MARGIN_M, Geofences, Zone, ZoneEvent
 
 T0 = 1_795_000_000_000
 
@@ -38,7 +38,7 @@ BORDER = [(21.9920, 106.7215), (21.9835, 106.7262), (21.9740, 106.7175), (21.968
 
 
 def off(lat: float, lon: float, east_m: float, north_m: float) -> tuple[float, float]:
-    """The point east_m / north_m from (lat, lon): the inverse of agent.geo.local_xy."""
+    """The point east_m / north_m from (lat, lon): the inverse of agent.model.geo.local_xy."""
     return (lat + math.degrees(north_m / EARTH_RADIUS_M),
             lon + math.degrees(east_m / (EARTH_RADIUS_M * math.cos(math.radians(lat)))))
 

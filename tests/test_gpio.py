@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.clock import TimeKeeper
+from agent.model.clock import TimeKeeper
 from agent.config import IgnitionConfig, parse
-from agent.pipeline import Pipeline
-from agent.reading import Reading, now_ms
-from agent.store import Store
-from drivers.gpio import DebouncedInput, GpioError, GpiodLine
-from drivers.ignition import GpioIgnition
+from agent.pipeline.pipeline import Pipeline
+from agent.model.reading import Reading, now_ms
+from agent.store.buffer import Store
+from drivers.gpio.lines import DebouncedInput, GpioError, GpiodLine
+from drivers.ignition.gpio import GpioIgnition
 from support import Collector as _Collector
 from support import Running
 

@@ -15,8 +15,8 @@ import pytest
 
 from agent.config import GpsConfig
 from agent.demo import trip
-from agent.reading import Reading
-from drivers.gps import NmeaGps
+from agent.model.reading import Reading
+from drivers.gps.receiver import NmeaGps
 from support import Running, wait_until
 
 WAIT_S = 5.0

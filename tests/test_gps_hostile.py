@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import ranges
+from agent.model import ranges
 from agent.demo.trip import sentence
-from agent.localbroker import Mosquitto
-from drivers.gnsstime import ERA_MS, RELEASE_MS, GnssTimeJudge
-from drivers.nmea import Fix, NmeaAssembler
+from agent.demo.broker import Mosquitto
+from drivers.gps.gnsstime import ERA_MS, RELEASE_MS, GnssTimeJudge
+from drivers.gps.nmea import Fix, NmeaAssembler
 from support import REPO, AgentProcess, Backend, agent_config, wait_until, write_config
 
 DAY = dt.date(2026, 11, 24)

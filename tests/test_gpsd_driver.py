@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from agent.config import GpsConfig
-from agent.reading import Reading
-from drivers.gnsstime import GnssTimeJudge
-from drivers.gpsd import GpsdGps
+from agent.model.reading import Reading
+from drivers.gps.gnsstime import GnssTimeJudge
+from drivers.gps.gpsd import GpsdGps
 from support import Running, wait_until
 
 WAIT_S = 5.0

@@ -8,8 +8,8 @@ import time
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from drivers.j1939.diag import DM1_PGN, VIN_PGN, Dtc, DtcTracker, Lamps, parse_dm1, parse_vin
-from drivers.j1939.tp import TransportReassembler
+from drivers.can.j1939.diag import DM1_PGN, VIN_PGN, Dtc, DtcTracker, Lamps, parse_dm1, parse_vin
+from drivers.can.j1939.tp import TransportReassembler
 
 CM, DT, G = 0xEC00, 0xEB00, 0xFF
 ENGINE, BRAKES, CAB = 0x00, 0x0B, 0x17

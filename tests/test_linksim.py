@@ -1,4 +1,4 @@
-"""LinkSim (agent/linksim.py): the slow, costly link the benchmarks put between agent and broker.
+"""LinkSim (tests/linksim.py): the slow, costly link the benchmarks put between agent and broker.
 
 Timing is only ever checked from below (at least the simulated latency / serialisation time):
 a slow machine may take longer, never shorter.
@@ -16,8 +16,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.linksim import LinkSim
-from agent.localbroker import Mosquitto, mosquitto_binary
+from linksim import LinkSim
+from agent.demo.broker import Mosquitto, mosquitto_binary
 
 
 class EchoServer:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.demo import trip
-from agent.localbroker import Mosquitto
+from agent.demo.broker import Mosquitto
 from support import AgentProcess, Backend, agent_config, store_depth, wait_until
 
 

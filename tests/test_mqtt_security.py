@@ -20,7 +20,7 @@ import pytest
 
 import certs
 from agent.demo import trip
-from agent.localbroker import BrokerTls, Mosquitto, mosquitto_binary
+from agent.demo.broker import BrokerTls, Mosquitto, mosquitto_binary
 from support import REPO, AgentProcess, Backend, agent_config, store_depth, wait_until
 
 DEVICE = "CQ-HN-0042"

@@ -1,5 +1,5 @@
 """NMEA 0183 parsing: gpsd's real receiver captures agree with gpsd, and hand-made sentences
-exercise every rule of drivers/nmea.py (epochs, talkers, no-fix, damage, dates, hemispheres)."""
+exercise every rule of drivers/gps/nmea.py (epochs, talkers, no-fix, damage, dates, hemispheres)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from agent.demo.trip import sentence
 from conftest import GPSD_CAPTURES
-from drivers.nmea import Fix, NmeaAssembler
+from drivers.gps.nmea import Fix, NmeaAssembler
 
 # -- real captures: compare with gpsd's reference output ----------------------------------------
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Outbox
-from agent.reading import Reading
-from agent.store import Store
+from agent.uplink.outbox import Outbox
+from agent.model.reading import Reading
+from agent.store.buffer import Store
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import pytest
 
 from agent.config import ProfileConfig, ReportingConfig
 from agent.demo import trip
-from agent.geo import local_xy, segment_distance_m
-from agent.policy import ReportingPolicy
+from agent.model.geo import local_xy, segment_distance_m
+from agent.pipeline.reporting import ReportingPolicy
 
 T0 = 1_790_000_000_000
 NORTH_PER_M = 1 / 111_195  # degrees of latitude per metre

@@ -1,4 +1,4 @@
-"""Uplink profiles by region and monthly data budgets (agent/profiles.py, agent/wire.py)."""
+"""Uplink profiles by region and monthly data budgets (agent/uplink/regions.py, agent/uplink/socketmeter.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 
 from agent.config import ConfigError, load
 from agent.demo import trip
-from agent.linksim import LinkSim
-from agent.localbroker import Mosquitto
-from agent.profile_config import UplinkProfileConfig
-from agent.profiles import UplinkPlan
+from linksim import LinkSim
+from agent.demo.broker import Mosquitto
+from agent.config.regions import UplinkProfileConfig
+from agent.uplink.regions import UplinkPlan
 from support import REPO, AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until, write_config
 from test_slowlink import backlog
 

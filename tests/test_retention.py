@@ -6,9 +6,9 @@ import json
 import time
 from pathlib import Path
 
-from agent import retention
-from agent.reading import Reading
-from agent.store import Store
+from agent.store import retention
+from agent.model.reading import Reading
+from agent.store.buffer import Store
 from support import wait_until
 
 T0 = 1_790_000_000_000
@@ -142,7 +142,7 @@ def test_disk_full_sheds_positions_and_keeps_going(tmp_path: Path) -> None:
 
 
 def test_readings_that_cannot_be_written_are_bounded_in_memory(tmp_path: Path, monkeypatch) -> None:
-    import agent.store as store_mod
+    import agent.store.buffer as store_mod
 
     monkeypatch.setattr(store_mod, "_MAX_PENDING", 1_000)
     monkeypatch.setattr(store_mod, "_RETRY_S", 0.01)

@@ -16,15 +16,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.cargo_config import GpioSealConfig, SerialSealConfig, SimSealConfig
-from agent.clock import TimeKeeper
-from agent.reading import Reading
-from drivers.eseal import BadLine, EsealMessage, UnknownProtocol, protocol_class
-from drivers.eseal.generic import GenericProtocol, sentence
-from drivers.gpio import GpioError
-from drivers.seal_gpio import GpioSeal
-from drivers.seal_serial import SerialSeal
-from drivers.seal_sim import SimSeal
+from agent.config.cargo import GpioSealConfig, SerialSealConfig, SimSealConfig
+from agent.model.clock import TimeKeeper
+from agent.model.reading import Reading
+from drivers.seal.eseal import BadLine, EsealMessage, UnknownProtocol, protocol_class
+from drivers.seal.eseal.generic import GenericProtocol, sentence
+from drivers.gpio.lines import GpioError
+from drivers.seal.gpio import GpioSeal
+from drivers.seal.serial import SerialSeal
+from drivers.seal.sim import SimSeal
 from support import Collector as _Collector
 from support import Running
 from test_gpio import FakeChip, FakeLine, wait_for

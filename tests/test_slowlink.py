@@ -1,5 +1,5 @@
-"""Catch-up over a slow roaming link (agent/linkrate.py, agent/outbox.py), through a loopback
-relay that adds latency and limits bandwidth (agent/linksim.py), to a real mosquitto.
+"""Catch-up over a slow roaming link (agent/uplink/linkrate.py, agent/uplink/outbox.py), through a loopback
+relay that adds latency and limits bandwidth (tests/linksim.py), to a real mosquitto.
 
 A backlog is written into the store first (a day in the mountains, shortened), then the agent
 connects through the link: events and the newest position must come first, messages must
@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from agent.chain import Chain
-from agent.linksim import LinkSim
-from agent.localbroker import Mosquitto
-from agent.reading import Reading
-from agent.store import Store
+from agent.model.chain import Chain
+from linksim import LinkSim
+from agent.demo.broker import Mosquitto
+from agent.model.reading import Reading
+from agent.store.buffer import Store
 from support import AgentProcess, Backend, agent_config, last_seqs, wait_until
 
 DEVICE = "CQ-HN-0042"
@@ -136,9 +136,9 @@ def test_messages_never_exceed_the_brokers_maximum_packet_size(tmp_path: Path) -
 def test_a_compact_encoding_failure_falls_back_to_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A codec bug must never stall the backlog: that batch goes as JSON (same topic, and the
     backend decodes both), and the error is visible in status."""
-    from agent import uplink
+    from agent.uplink import mqtt as uplink
     from agent.config import load
-    from agent.outbox import Batch
+    from agent.uplink.outbox import Batch
 
     cfg = load(agent_config(tmp_path, 1, mqtt_extra={"encoding": "compact"}))
     store = Store(tmp_path / "b.db", device=DEVICE)
@@ -163,7 +163,7 @@ def test_a_batch_sent_as_json_after_a_compact_failure_says_json(tmp_path: Path, 
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Under MQTT 5 the content type is chosen per message: the fallback JSON once went out
     labelled application/cbor."""
-    from agent import uplink
+    from agent.uplink import mqtt as uplink
     from agent.config import load
 
     def broken(_bodies: Any) -> bytes:

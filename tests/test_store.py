@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.chain import Chain
-from agent.reading import Reading
-from agent.store import Store
+from agent.model.chain import Chain
+from agent.model.reading import Reading
+from agent.store.buffer import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,8 +117,8 @@ def test_committed_readings_survive_sigkill(tmp_path: Path) -> None:
     db = tmp_path / "b.db"
     child = textwrap.dedent(f"""
         import sys, time
-        from agent.reading import Reading
-        from agent.store import Store
+        from agent.model.reading import Reading
+        from agent.store.buffer import Store
         s = Store({str(db)!r}, device="D", sync_interval_s=3600)
         s.start()
         for i in range(5000):

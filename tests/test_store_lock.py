@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.localbroker import Mosquitto
-from agent.reading import Reading
-from agent.store import Store, StoreUnusable
-from agent.storelock import StoreLocked
+from agent.demo.broker import Mosquitto
+from agent.model.reading import Reading
+from agent.store.buffer import Store, StoreUnusable
+from agent.store.lock import StoreLocked
 from support import REPO, AgentProcess, Backend, agent_config, wait_until
 
 
@@ -30,7 +30,7 @@ def test_a_second_store_on_the_same_file_is_refused_naming_the_holder(tmp_path: 
 
 def test_the_lock_dies_with_its_holder(tmp_path: Path) -> None:
     """A power cut or SIGKILL leaves nothing stale: the kernel drops a dead process's flock."""
-    code = (f"from agent.store import Store; s = Store({str(tmp_path / 'b.db')!r}, device='D'); "
+    code = (f"from agent.store.buffer import Store; s = Store({str(tmp_path / 'b.db')!r}, device='D'); "
             "print('locked', flush=True); import time; time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=REPO, text=True)
     try:

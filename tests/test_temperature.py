@@ -13,11 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.cargo_config import Ds18b20Config, SimTemperatureConfig
-from agent.clock import TimeKeeper
-from agent.reading import Reading
-from drivers.temp_ds18b20 import ERRORS, Ds18b20
-from drivers.temp_sim import SimTemperature
+from agent.config.cargo import Ds18b20Config, SimTemperatureConfig
+from agent.model.clock import TimeKeeper
+from agent.model.reading import Reading
+from drivers.temperature.ds18b20 import ERRORS, Ds18b20
+from drivers.temperature.sim import SimTemperature
 from support import Collector as _Collector
 from support import Running
 from test_seals import wait_for

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from agent import config as config_mod
-from agent.clock import TimeKeeper
+from agent.model.clock import TimeKeeper
 from agent.demo import trip
-from agent.localbroker import Mosquitto
-from agent.outbox import Outbox
-from agent.pipeline import Pipeline
-from agent.reading import Reading
-from agent.store import Store
+from agent.demo.broker import Mosquitto
+from agent.uplink.outbox import Outbox
+from agent.pipeline.pipeline import Pipeline
+from agent.model.reading import Reading
+from agent.store.buffer import Store
 from support import AgentProcess, Backend, agent_config, wait_until
 
 DAY_NS = 86_400 * 10**9

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import config
-from agent.logs import RateLimit
-from agent.unit import dropin
+from agent.daemon.logs import RateLimit
+from agent.daemon.dropin import dropin
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "lorry-agent.service"
@@ -83,13 +83,13 @@ def test_repeated_log_messages_are_bounded() -> None:
     limit = RateLimit(burst=5, window_s=60, clock=lambda: now[0])
     passed = []
     for i in range(10_000):
-        rec = logging.LogRecord("agent.uplink", logging.WARNING, __file__, 1, "MQTT: cannot connect to %s", ("b",), None)
+        rec = logging.LogRecord("agent.uplink.mqtt", logging.WARNING, __file__, 1, "MQTT: cannot connect to %s", ("b",), None)
         if limit.filter(rec):
             passed.append(rec.getMessage())
         now[0] += 0.1  # a message every 100 ms for ~17 minutes
     assert len(passed) <= 5 * (1000 // 60 + 2)
     assert any("more like it" in p for p in passed), "suppression is said, not silent"
-    other = logging.LogRecord("agent.store", logging.ERROR, __file__, 1, "store commit failed (%s)", ("x",), None)
+    other = logging.LogRecord("agent.store.buffer", logging.ERROR, __file__, 1, "store commit failed (%s)", ("x",), None)
     assert limit.filter(other), "a different message is not held back by the first"
 
 

@@ -1,5 +1,5 @@
 """A reading no broker message can carry is set aside, announced, and its stream moves on
-(agent/uplink.py); a broker that is down, restarting or behind a flaky link never causes that.
+(agent/uplink/mqtt.py); a broker that is down, restarting or behind a flaky link never causes that.
 
 A backlog is written into the store first, with one position far larger than the broker's
 maximum packet (mosquitto ``max_packet_size``); then the real agent drains it.
@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from agent.chain import Chain
-from agent.linksim import LinkSim
-from agent.localbroker import Mosquitto
-from agent.reading import Reading
-from agent.store import Store
+from agent.model.chain import Chain
+from linksim import LinkSim
+from agent.demo.broker import Mosquitto
+from agent.model.reading import Reading
+from agent.store.buffer import Store
 from support import AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until
 
 DEVICE = "CQ-HN-0042"
@@ -123,7 +123,7 @@ def test_set_aside_announces_durably_then_deletes(tmp_path: Path) -> None:
     """Store.set_aside: one data_dropped per seq run, queued and made durable before the rows
     go (a power cut in between can announce twice, never lose silently), then deleted like an
     acknowledgement; an unannounced set-aside is still counted."""
-    from agent.outbox import Outbox
+    from agent.uplink.outbox import Outbox
 
     events: list[tuple[str, Any]] = []
     holder: dict[str, Store] = {}

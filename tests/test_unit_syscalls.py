@@ -10,7 +10,7 @@ SIGTERM) — and every system call its process tree makes is checked against the
 sandbox computed from systemd/lorry-agent.service itself, with systemd-analyze expanding the
 groups. Any system call used but not allowed fails the test, by name.
 
-And the trusted-time check that no longer needs adjtimex(2) (agent/clock.py): systemd-timesyncd's
+And the trusted-time check that no longer needs adjtimex(2) (agent/model/clock.py): systemd-timesyncd's
 flag file, or systemd-timedated's ``NTPSynchronized`` asked over a real D-Bus.
 """
 
@@ -35,18 +35,18 @@ from pathlib import Path
 
 import pytest
 
-from agent import ntpsync as clock
-from agent.commands import sign_command
+from agent.model import ntpsync as clock
+from agent.uplink.commands import sign_command
 from agent.demo import trip
-from agent.localbroker import BrokerTls, Mosquitto, mosquitto_binary
-from agent.reading import iso_ms
+from agent.demo.broker import BrokerTls, Mosquitto, mosquitto_binary
+from agent.model.reading import iso_ms
 from support import Backend, wait_until, write_config
 
 import certs
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "lorry-agent.service"
-DEMO = REPO / "config" / "demo.toml"
+DEMO = REPO / "agent" / "demo" / "data" / "demo.toml"
 DEVICE = "CQ-HN-0042"
 UNPRIVILEGED = 65534  # the unit runs as User=lorry-agent; as root, the agent is traced as nobody
 

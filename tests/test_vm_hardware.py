@@ -355,7 +355,7 @@ class GuestAgent:
     """mosquitto on loopback, a backend subscriber and `lorry-agent run`, inside the guest."""
 
     def __init__(self, rec: Record, **sections: Any):
-        from agent.localbroker import Mosquitto
+        from agent.demo.broker import Mosquitto
         from support import AgentProcess, Backend, agent_config
 
         self.rec = rec
@@ -372,7 +372,7 @@ class GuestAgent:
         rec.data["agent_config"] = cfg.read_text()
 
     def status(self, source: str | None = None) -> dict[str, Any]:
-        from agent.status import collect
+        from agent.cli.statusview import collect
 
         if not self.store.exists():
             return {}
@@ -385,7 +385,7 @@ class GuestAgent:
     def fresh_status(self, source: str | None = None) -> dict[str, Any]:
         """The status the agent saves after now. It goes to the store with the next commit, at
         most 30 s later when nothing is committed: scenarios have a `health` reading every 2 s."""
-        from agent.status import collect
+        from agent.cli.statusview import collect
 
         now = time.time()
 

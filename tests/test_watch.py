@@ -21,10 +21,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent import compact, watch
+from agent import compact
+from agent.tools import watch
 from agent.demo import trip
-from agent.localbroker import Mosquitto
-from agent.watch import DecodeError, SeqSet, Watcher, decode
+from agent.demo.broker import Mosquitto
+from agent.tools.watch import DecodeError, SeqSet, Watcher, decode
 from support import REPO, AgentProcess, Backend, agent_config, wait_until, write_config
 
 DEV = "CQ-HN-0042"
@@ -389,7 +390,7 @@ def test_unusable_options_exit_2(argv: list[str], message: str, capsys: pytest.C
 
 # -- against a real broker ----------------------------------------------------------------------
 
-WATCH_CLI = ("import sys, argparse; from agent import watch; p = argparse.ArgumentParser(); "
+WATCH_CLI = ("import sys, argparse; from agent.tools import watch; p = argparse.ArgumentParser(); "
              "watch.add_arguments(p); sys.exit(watch.main(p.parse_args(sys.argv[1:])))")
 
 
@@ -571,7 +572,7 @@ def test_json_prints_compact_messages_as_json_lines(tmp_path: Path, broker: Mosq
 
 
 def test_never_connected_exits_1(tmp_path: Path) -> None:
-    from agent.localbroker import free_port
+    from agent.demo.broker import free_port
 
     r = subprocess.run([sys.executable, "-c", WATCH_CLI, "--port", str(free_port()), "--for", "1"],
                        capture_output=True, text=True, cwd=REPO, timeout=20)
@@ -581,7 +582,7 @@ def test_never_connected_exits_1(tmp_path: Path) -> None:
 
 def test_mutual_tls_and_a_wrong_ca(tmp_path: Path) -> None:
     import certs
-    from agent.localbroker import BrokerTls
+    from agent.demo.broker import BrokerTls
 
     ca = certs.authority(tmp_path / "pki", "ca")
     other_ca = certs.authority(tmp_path / "pki", "other-ca")

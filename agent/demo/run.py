@@ -1,6 +1,6 @@
 """``lorry-agent demo``: the bundled trip against a private mosquitto, with a dead zone.
 
-The agent replays the Chongqing → Hanoi trip (config/demo.toml) faster than real time. While
+The agent replays the Chongqing → Hanoi trip (agent/demo/data/demo.toml) faster than real time. While
 the lorry crosses the Guizhou mountains the broker is stopped (signal lost): the buffer fills.
 When it is back the backlog drains (the newest position first), and a subscriber in the role of
 the backend prints what it receives and checks that no seq is missing.
@@ -22,13 +22,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import config as config_mod
 from agent.demo import trip
-from agent.geo import haversine_m
-from agent.localbroker import Mosquitto
-from agent.runner import Agent
-from agent.verify import render, verify
-from agent.watch import decode
+from agent.model.geo import haversine_m
+from agent.demo.broker import Mosquitto
+from agent.daemon.runner import Agent
+from agent.tools.verify import render, verify
+from agent.tools.watch import decode
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "demo.toml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "data" / "demo.toml"
 # The dead zone: from the mountains south of Duyun until Hechi.
 OUTAGE_FROM, OUTAGE_TO = "Dushan", "Hechi"
 

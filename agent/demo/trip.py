@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 
-from agent.geo import haversine_m
+from agent.model.geo import haversine_m
 
 # (name, lat, lon, speed limit km/h to the next point, stop at this point in minutes)
 ROUTE: list[tuple[str, float, float, float, float]] = [

@@ -1,0 +1,182 @@
+"""The ``lorry-agent`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from agent import config as config_mod
+from agent.config import ConfigError
+
+log = logging.getLogger("agent")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorry-agent", description="Onboard telematics agent for cross-border lorries.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", type=Path, default=config_mod.DEFAULT_PATH,
+                        help=f"configuration file (default {config_mod.DEFAULT_PATH})")
+
+    run = sub.add_parser("run", help="run the agent (the systemd service runs this)")
+    with_config(run)
+    run.add_argument("--dry-run", action="store_true",
+                     help="publish nothing: print each message as a JSON line, exit when replays end "
+                          "(1 if a source's driver crashed)")
+    run.add_argument("--until-drained", action="store_true",
+                     help="exit once every replay has ended (live sources stop with them) and the broker has "
+                          "acknowledged everything (1 if a source's driver crashed)")
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a configuration file (exit 0 if usable)")
+    check.add_argument("file", type=Path, nargs="?", help="file to check (default: --config)")
+    with_config(check)
+    check.set_defaults(func=_cmd_check)
+
+    status = sub.add_parser("status", help="buffer depth, last fix, last publish, counters")
+    with_config(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_cmd_status)
+
+    verify = sub.add_parser("verify-chain", help="prove a file of received seal/alarm events is complete and unaltered")
+    verify.add_argument("file", type=Path, help="received events: JSON lines (readings, batches, or topic/payload lines)")
+    verify.add_argument("--key-file", type=Path, help="the device's HMAC key: also check every event's HMAC")
+    verify.add_argument("--partial", action="store_true", help="the file starts mid-chain (do not require chain_seq 1)")
+    verify.set_defaults(func=_cmd_verify)
+
+    from agent.tools import watch
+
+    w = sub.add_parser("watch", help="subscribe as the backend would and show each device's live state")
+    watch.add_arguments(w)  # has its own --config: command line beats config beats defaults
+    w.set_defaults(func=watch.main)
+
+    unit = sub.add_parser("unit-dropin", help="print a systemd drop-in allowing only the configured devices")
+    with_config(unit)
+    unit.set_defaults(func=_cmd_unit)
+
+    demo = sub.add_parser("demo", help="replay the bundled Chongqing -> Hanoi trip against a private mosquitto")
+    demo.add_argument("--speed", type=float, default=1000.0, help="replay speed (default 1000x real time)")
+    demo.add_argument("--workdir", type=Path, help="keep the broker and store here (default: a temp folder)")
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def _load(path: Path, *, check_sources: bool = False) -> config_mod.Config | None:
+    """The config, or None after printing every problem; ``check_sources`` also asks each
+    configured source's driver (devices, key files) as ``run`` and ``check-config`` do."""
+    try:
+        cfg = config_mod.load(path)
+        if check_sources and (problems := source_problems(cfg)):
+            raise ConfigError(path, problems)
+        return cfg
+    except ConfigError as e:
+        print(f"configuration error in {e.path}:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    cfg = _load(path, check_sources=True)
+    if cfg is None:
+        return 1
+    print(f"{path}: OK (device {cfg.device.id}, broker {cfg.mqtt.host}:{cfg.mqtt.port}, "
+          f"sources: {', '.join(cfg.sources) or 'none'})")
+    return 0
+
+
+def source_problems(cfg: config_mod.Config) -> list[str]:
+    """Everything ``run`` needs that the schema cannot see: each file and device key by its
+    role, what is in the files (agent/config/__init__.py `usable_problems`), then what each configured
+    source's driver finds wrong with its section, once its files are usable."""
+    from agent.daemon.runner import driver_for
+
+    problems = config_mod.usable_problems(cfg)
+    reported = {p.split(": ", 1)[0] for p in problems}
+    for name in cfg.sources:
+        kind, _, item = name.partition(":")
+        if any(w.startswith(f"[{kind}]") or (item and w.startswith(f"[{kind} #") and f" ({item})]" in w)
+               for w in reported):
+            continue  # its files are not usable: the driver's own check would only trip on them
+        try:
+            cls, section = driver_for(cfg, name)
+            found = cls.check(section)
+        except Exception as e:  # noqa: BLE001 - a check that trips is a problem to show, not a traceback
+            found = [f"[{name}]: cannot be checked: {type(e).__name__}: {e}"]
+        problems += found
+    return problems
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, check_sources=True)
+    if cfg is None:
+        return 1
+    _setup_logging(cfg.log.level)
+    from agent.daemon.runner import run
+    from agent.store.lock import StoreLocked
+
+    try:
+        return run(cfg, dry_run=args.dry_run, until_drained=args.until_drained)
+    except StoreLocked as e:  # another agent writes this store: say who, and stop
+        print(f"lorry-agent: {e}", file=sys.stderr)
+        return 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    from agent.cli.statusview import collect, render
+    s = collect(cfg.store.path)
+    print(json.dumps(s, indent=2) if args.json else render(s))
+    return 0 if "error" not in s else 1
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from agent.model.chain import read_key
+    from agent.tools.verify import render, verify_file
+
+    try:
+        key = read_key(args.key_file, private=False)  # the backend's copy, on the backend's machine
+        reports = verify_file(args.file, key, args.partial)
+    except (OSError, ValueError) as e:
+        print(f"verify-chain: {e}", file=sys.stderr)
+        return 2
+    print(render(reports))
+    return 0 if reports and all(r.ok for r in reports) else 1
+
+
+def _cmd_unit(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    from agent.daemon.dropin import dropin
+
+    print(dropin(cfg), end="")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging("error")  # the demo tells its own story on stdout
+    from agent.demo.run import run_demo
+    return run_demo(speed=args.speed, workdir=args.workdir, out=sys.stdout)
+
+
+def _setup_logging(level: str) -> None:
+    from agent.daemon.logs import setup
+
+    setup(level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""What to send next: the store → uplink hand-off, shared by every transport.
+
+Per connection the outbox pages through each stream by row id, in stream priority order, and
+packs consecutive readings of one stream into one message (a JSON array; a lone reading is a
+JSON object). When a connection starts with a backlog of positions, the newest position goes
+first on its own, so the dispatcher sees where the lorry is now, then the backlog oldest-first.
+
+Rows leave the store only when the transport reports the broker's acknowledgement
+(``Store.ack``); a new connection starts paging from the beginning again, so whatever was in
+flight when a link dropped is sent again with the same seq and content.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agent.model.reading import STREAM_PRIORITY
+from agent.store.buffer import Row, Store
+
+NEWEST_FIRST_STREAM = "position"
+# Stop handing out batches while this many acknowledged rows wait for deletion: on a fast link
+# acknowledgements can outrun the store writer, and the ids would pile up in memory.
+MAX_ACKS_WAITING = 10_000
+
+
+@dataclass(slots=True, frozen=True)
+class Batch:
+    """Consecutive readings of one stream; the uplink encodes them (JSON or compact)."""
+    stream: str
+    ids: tuple[int, ...]
+    bodies: tuple[str, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def json(self) -> bytes:
+        """A lone reading is a JSON object, a batch an array (docs/contract.md)."""
+        if len(self.bodies) == 1:
+            return self.bodies[0].encode()
+        return ("[" + ",".join(self.bodies) + "]").encode()
+
+    def halves(self) -> tuple[Batch, Batch]:
+        k = len(self.ids) // 2
+        return (Batch(self.stream, self.ids[:k], self.bodies[:k]), Batch(self.stream, self.ids[k:], self.bodies[k:]))
+
+
+class Outbox:
+    def __init__(self, store: Store, *, max_batch: int, max_bytes: int, plan: Any = None):
+        self.store = store
+        self.max_batch = max_batch
+        self.max_bytes = max_bytes
+        self.plan = plan
+        """An UplinkPlan (agent/uplink/regions.py): which streams may go now. None: all of them."""
+        self.reset()
+
+    def reset(self) -> None:
+        """A new connection: everything unacknowledged is due again."""
+        self._cursor: dict[str, int] = {}
+        self._sent_newest: int | None = None
+        self._newest_done = False
+        self._idle_at = -1
+        self._order: list[str] = []
+        self._order_at = -1
+        self._release_seen = self.store.release_gen
+        self._plan_seen = -1
+
+    def rewind(self, batch: Batch) -> None:
+        """This batch is due again (the broker refused it as it was): page back to it."""
+        if batch.ids[0] <= self._cursor.get(batch.stream, 0):
+            self._cursor[batch.stream] = batch.ids[0] - 1
+        self._idle_at = -1
+
+    def next_batch(self, max_bytes: int | None = None) -> Batch | None:
+        """The next message's readings, at most ``max_bytes`` of JSON (default: the limit)."""
+        if self.store.release_gen != self._release_seen:
+            self._page_back_to_released()
+        plan = self.plan
+        if plan is not None and plan.generation != self._plan_seen:
+            self._plan_seen = plan.generation
+            self._idle_at = -1
+        durable = self.store.durable_id
+        if durable == self._idle_at or self.store.acks_waiting >= MAX_ACKS_WAITING:
+            return None
+        if durable != self._order_at:
+            self._order, self._order_at = _ordered(self.store.streams()), durable
+        budget = min(self.max_bytes, max_bytes) if max_bytes else self.max_bytes
+        for stream in self._order:
+            if plan is not None and not plan.allowed(stream):
+                continue
+            if stream == NEWEST_FIRST_STREAM and not self._newest_done:
+                first = self._newest_if_backlog(stream)
+                if first is not None:
+                    return first
+            batch = self._page(stream, budget)
+            if batch is not None:
+                return batch
+            if plan is not None:
+                plan.drained(stream)
+        self._idle_at = durable
+        return None
+
+    def _page_back_to_released(self) -> None:
+        """Held readings got their time: they sit behind the cursor, so page back to them."""
+        for gen, stream, first in self.store.releases:
+            if gen > self._release_seen and first <= self._cursor.get(stream, 0):
+                self._cursor[stream] = first - 1
+        self._release_seen = self.store.release_gen
+        self._idle_at = -1
+        self._order_at = -1
+
+    def _newest_if_backlog(self, stream: str) -> Batch | None:
+        oldest = self.store.fetch(stream, self._cursor.get(stream, 0), 1)
+        if not oldest:
+            return None  # nothing durable yet: decide when there is
+        self._newest_done = True
+        newest = self.store.newest(stream)
+        if newest is None or newest.id == oldest[0].id:
+            return None
+        self._sent_newest = newest.id
+        return Batch(stream, (newest.id,), (newest.body,))
+
+    def _page(self, stream: str, max_bytes: int) -> Batch | None:
+        while True:
+            after = self._cursor.get(stream, 0)
+            rows = self.store.fetch(stream, after, self.max_batch)
+            if not rows:
+                return None
+            picked: list[Row] = []
+            size = 2
+            for row in rows:
+                if row.id == self._sent_newest:
+                    continue
+                size += len(row.body) + 1
+                if picked and size > max_bytes:
+                    break
+                picked.append(row)
+            if not picked:
+                self._cursor[stream] = rows[-1].id
+                continue
+            self._cursor[stream] = picked[-1].id
+            return Batch(stream, tuple(r.id for r in picked), tuple(r.body for r in picked))
+
+
+def _ordered(streams: list[str]) -> list[str]:
+    known = [s for s in STREAM_PRIORITY if s in streams]
+    return known + sorted(s for s in streams if s not in STREAM_PRIORITY)
