@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import compact
-from agent.tools import watch
 from agent.demo import trip
 from agent.demo.broker import Mosquitto
+from agent.tools import watch
 from agent.tools.watch import DecodeError, SeqSet, Watcher, decode
 from support import REPO, AgentProcess, Backend, agent_config, wait_until, write_config
 
@@ -236,7 +236,8 @@ def test_foreign_and_non_reading_topics() -> None:
 def test_devices_are_kept_apart() -> None:
     w = Watcher()
     send(w, "position", pos(1), device=DEV)
-    send(w, "position", reading("position", 7, device="GX-NN-0007", lat=22.8, lon=108.3, fix="gps"), device="GX-NN-0007")
+    send(w, "position", reading("position", 7, device="GX-NN-0007", lat=22.8, lon=108.3, fix="gps"),
+         device="GX-NN-0007")
     assert sorted(w.state) == [DEV, "GX-NN-0007"]
     assert w.state["GX-NN-0007"].streams["position"].summary() == "position: 7..7, no gaps"
     screen = w.render()
@@ -262,7 +263,8 @@ def test_seals_alarms_and_dtcs() -> None:
     alarms = [reading("alarm", 1, state="active", **dtc),
               reading("alarm", 2, kind="seal_opened", state="raised", severity="critical", seal="rear_door",
                       authorised=False, zones=[])]
-    alarms += [reading("alarm", s, kind="geofence", state="enter" if s % 2 else "exit", zone=f"z{s}", zone_kind="border")
+    alarms += [reading("alarm", s, kind="geofence", state="enter" if s % 2 else "exit", zone=f"z{s}",
+                       zone_kind="border")
                for s in range(3, 12)]
     alarms.append(reading("alarm", 13, kind="temperature", state="active", sensor="reefer_front", side="high",
                           limit_c=8, c=9.5, duration_s=600))
@@ -298,9 +300,11 @@ def test_temperatures_can_health_and_ignition() -> None:
     send(w, "temperature", [reading("temperature", 1, sensor="reefer_front", c=4.25, error=None),
                             reading("temperature", 2, sensor="reefer_rear", c=None, error="crc"),
                             reading("temperature", 3, sensor="reefer_rear", c=None, error="missing")])
-    send(w, "can", reading("can", 1, values=[{"name": "engine_speed", "spn": 190, "value": 1234.5, "unit": "rpm", "sa": 0},
-                                              {"name": "fuel_level", "spn": 96, "value": 62.4, "unit": "%", "sa": 23}]))
-    send(w, "can", reading("can", 2, values=[{"name": "engine_speed", "spn": 190, "value": 800, "unit": "rpm", "sa": 0}]))
+    send(w, "can", reading("can", 1, values=[
+        {"name": "engine_speed", "spn": 190, "value": 1234.5, "unit": "rpm", "sa": 0},
+        {"name": "fuel_level", "spn": 96, "value": 62.4, "unit": "%", "sa": 23}]))
+    send(w, "can", reading("can", 2, values=[
+        {"name": "engine_speed", "spn": 190, "value": 800, "unit": "rpm", "sa": 0}]))
     send(w, "health", reading("health", 4, uptime_s=600, reporting="moving", buffer={"pending": 17, "time_pending": 0},
                               gps={"sats_used": 14, "satellites_in_view": {"GPS": 9, "BeiDou": 11}},
                               clock={"source": "gps", "system_error_s": -0.4},
@@ -466,7 +470,8 @@ def test_end_to_end_every_reading_and_the_state(tmp_path: Path, broker: Mosquitt
     assert dev.malformed_messages == dev.malformed_readings == 0
     last = next(r for r in backend.readings("position") if r["seq"] == n)
     assert dev.position == last
-    assert last["lat"] == pytest.approx(truth[-1].lat, abs=3e-7) and last["lon"] == pytest.approx(truth[-1].lon, abs=3e-7)
+    assert last["lat"] == pytest.approx(truth[-1].lat, abs=3e-7)
+    assert last["lon"] == pytest.approx(truth[-1].lon, abs=3e-7)
     assert all(s.missing == 0 and s.duplicates == 0 for s in dev.streams.values())
     screen = last_screen(inproc.out.getvalue())
     assert f"{DEV}  offline" in screen
@@ -598,8 +603,8 @@ def test_mutual_tls_and_a_wrong_ca(tmp_path: Path) -> None:
         pub.loop_stop()
         pub.disconnect()
         tls = ["--port", str(broker.port), "--tls-cert", str(client.cert), "--tls-key", str(client.key)]
-        ok = subprocess.run([sys.executable, "-c", WATCH_CLI, *tls, "--tls-ca", str(ca.cert), "--once", "--interval", "0.3"],
-                            capture_output=True, text=True, cwd=REPO, timeout=20)
+        ok = subprocess.run([sys.executable, "-c", WATCH_CLI, *tls, "--tls-ca", str(ca.cert), "--once",
+                             "--interval", "0.3"], capture_output=True, text=True, cwd=REPO, timeout=20)
         assert ok.returncode == 0, ok.stderr
         assert f"{DEV}  online (retained)" in ok.stdout
         bad = subprocess.run([sys.executable, "-c", WATCH_CLI, *tls, "--tls-ca", str(other_ca.cert), "--for", "1.5"],

@@ -74,7 +74,8 @@ def render(s: dict[str, Any]) -> str:
     fix = s["last_fix"]
     lines.append(
         "last fix: "
-        + (f"{fix['ts']} {fix['lat']:.7f},{fix['lon']:.7f} {fix.get('speed_kmh')} km/h fix={fix.get('fix')}" if fix else "none")
+        + (f"{fix['ts']} {fix['lat']:.7f},{fix['lon']:.7f} {fix.get('speed_kmh')} km/h fix={fix.get('fix')}"
+           if fix else "none")
     )
     up = s["uplink"] or {}
     lines.append(f"last publish: {s['last_publish'] or 'never'}; connected: {up.get('connected', '?')}"
@@ -90,7 +91,8 @@ def render(s: dict[str, Any]) -> str:
                      + (f"; held: {', '.join(data['held'])}" if data.get("held") else ""))
         for name, p in data["profiles"].items():
             budget = f" of {p['budget_bytes']:,}" if p.get("budget_bytes") else ""
-            lines.append(f"  {name:16s} {p['bytes']:,}{budget} bytes this month" + ("  OVER BUDGET" if p["over_budget"] else ""))
+            lines.append(f"  {name:16s} {p['bytes']:,}{budget} bytes this month"
+                         + ("  OVER BUDGET" if p["over_budget"] else ""))
     for name, d in (s["drivers"] or {}).items():
         counters = ", ".join(f"{k}={v}" for k, v in d.items() if isinstance(v, int) and not isinstance(v, bool))
         lines.append(f"{name}: {'connected' if d.get('connected') else 'not connected'}; {counters}"

@@ -1,4 +1,4 @@
-"""sd_notify(3) without a C dependency: READY, WATCHDOG, STOPPING and STATUS messages."""
+"""sd_notify(3) without a C dependency: READY, WATCHDOG and STOPPING messages."""
 
 from __future__ import annotations
 
@@ -39,6 +39,3 @@ class Notifier:
 
     def stopping(self) -> None:
         self.notify("STOPPING=1")
-
-    def status(self, text: str) -> None:
-        self.notify(f"STATUS={text}")

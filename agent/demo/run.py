@@ -21,10 +21,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent import config as config_mod
-from agent.demo import trip
-from agent.model.geo import haversine_m
-from agent.demo.broker import Mosquitto
 from agent.daemon.runner import Agent
+from agent.demo import trip
+from agent.demo.broker import Mosquitto
+from agent.model.geo import haversine_m
 from agent.tools.verify import render, verify
 from agent.tools.watch import decode
 

@@ -68,10 +68,6 @@ class ReportingPolicy:
         self._forced = {"moving": True, "parked": False, "auto": None}[profile]
         self._apply(self._sensed if self._forced is None else self._forced)
 
-    @property
-    def forced(self) -> str | None:
-        return None if self._forced is None else ("moving" if self._forced else "parked")
-
     def _apply(self, on: bool | None) -> None:
         if on is not None and on != self._ignition and self._ignition is not None:
             self._pending_event = "ignition_on" if on else "ignition_off"

@@ -1,0 +1,35 @@
+"""ruff (the rules in pyproject.toml's ``[tool.ruff]``) passes on every Python file we ship or run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from support import REPO
+
+PATHS = ("agent", "drivers", "tests", "bench")
+CLEAN = ("agent/tools", "agent/cli", "agent/daemon/systemd.py", "agent/pipeline/reporting.py",
+         "tests/test_watch.py", "tests/test_cli_imports.py", "tests/test_lint.py")
+"""Already clean, and kept so while the rest is (issue 13): this list grows until it is PATHS."""
+
+
+def ruff(*paths: str) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", *paths],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    if r.returncode not in (0, 1) or "No module named ruff" in r.stderr:
+        pytest.fail(f"ruff did not run (it is in the test extra: pip install -e '.[test]'):\n{r.stderr}")
+    return r
+
+
+def test_ruff_finds_nothing_in_what_is_clean() -> None:
+    r = ruff(*CLEAN)
+    assert r.returncode == 0, f"ruff check {' '.join(CLEAN)}:\n{r.stdout}{r.stderr}"
+
+
+@pytest.mark.xfail(strict=False, reason="issue 13: the modules being restructured in parallel are linted at the "
+                                        "merge; then this is strict and CLEAN goes")
+def test_ruff_finds_nothing() -> None:
+    r = ruff(*PATHS)
+    assert r.returncode == 0, f"ruff check {' '.join(PATHS)}:\n{r.stdout}{r.stderr}"
