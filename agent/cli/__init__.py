@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +18,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from agent.config import Config
-
-log = logging.getLogger("agent")
 
 
 def main(argv: list[str] | None = None) -> int:
