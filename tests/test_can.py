@@ -19,11 +19,11 @@ import can
 import pytest
 
 import canlog as cl
-from agent.config import CanConfig, SignalConfig
 from agent.demo.broker import Mosquitto
 from agent.model.reading import Reading, iso_ms
 from conftest import SHARED_DATA
 from drivers.can.bus import CanBus
+from drivers.can.config import CanConfig, SignalConfig
 from support import AgentProcess, Backend, Running, agent_config, wait_until
 from support import Collector as _Collector
 

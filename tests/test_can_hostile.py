@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 import canlog as cl
 import drivers.can.bus
-from agent.config import CanConfig
 from agent.demo.broker import free_port
 from drivers.can import candump
 from drivers.can.bus import CanBus
+from drivers.can.config import CanConfig
 from drivers.can.j1939.tp import MAX_SIZE, MIN_SIZE, TransportReassembler
 from support import REPO, Collector, Running, agent_config
 

@@ -21,10 +21,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import canlog as cl
-from agent.config import CanConfig
 from agent.demo.broker import free_port
 from drivers.can import candump
-from drivers.can.bus import CanBus, CaptureError, _frames, open_capture
+from drivers.can.bus import CanBus
+from drivers.can.capture import CaptureError, open_capture
+from drivers.can.capture import frames as capture_frames
+from drivers.can.config import CanConfig
 from support import REPO, Collector, agent_config
 
 # A short truck: engine, wheel speed, DM1 over BAM, the VIN, 11-bit frames, error frames.
@@ -52,7 +54,7 @@ def read(path: Path) -> tuple[list[Any], candump.Timeline, dict[str, int]]:
     cap = open_capture(path)
     counters = {"bad_timestamp": 0, "time_jumps": 0}
     times = candump.Timeline(cap.clock, counters)
-    return list(times.frames(_frames(cap, candump.Parser()))), times, counters
+    return list(times.frames(capture_frames(cap, candump.Parser()))), times, counters
 
 
 def replay(path: Path, **config: Any) -> tuple[Collector, CanBus]:

@@ -29,18 +29,18 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from agent.config.cargo import SerialSealConfig
 from agent.model.clock import TimeKeeper
 from agent.model.ranges import FIELDS
 from drivers.seal import serial as seal_serial
+from drivers.seal.config import SerialSealConfig
 from drivers.seal.eseal import BadLine, EsealMessage
 from drivers.seal.eseal.generic import GenericProtocol, sentence
 from drivers.seal.serial import SerialSeal
 from drivers.temperature.ds18b20 import ERRORS
 from support import Collector as _Collector
 from support import Running
-from test_temperature import SENSOR, ds18b20, sensor, w1_slave
 from test_gpio import wait_for
+from test_temperature import SENSOR, ds18b20, sensor, w1_slave
 
 REASONS = ("bad_checksum", "garbage", "unknown_state", "bad_field")
 SEAL_ID = re.compile(r"[A-Za-z0-9._:-]{1,32}")

@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from agent import cli
-from agent.config.cargo import Role
 from agent.config import Config
 from agent.demo import trip
 from agent.demo.broker import free_port
+from agent.model.settings import Role
 from support import REPO
 
 UTC = dt.timezone.utc

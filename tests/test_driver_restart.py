@@ -21,9 +21,9 @@ import pytest
 
 import drivers
 from agent.config import load
+from agent.daemon.runner import Agent
 from agent.demo import trip
 from agent.demo.broker import free_port
-from agent.daemon.runner import Agent
 from drivers.gps.receiver import NmeaGps
 from drivers.seal.sim import SimSeal
 from support import REPO, agent_config, wait_until
@@ -57,7 +57,7 @@ class CrashingReplay(NmeaGps):
 @pytest.fixture
 def flaky_seal(monkeypatch: pytest.MonkeyPatch) -> type[FlakySeal]:
     FlakySeal.starts = []
-    monkeypatch.setitem(drivers.REGISTRY["seal"], "sim", f"{__name__}:FlakySeal")
+    monkeypatch.setitem(drivers.REGISTRY["seal"], "sim", drivers.REGISTRY["seal"]["sim"]._replace(driver=f"{__name__}:FlakySeal"))
     return FlakySeal
 
 
@@ -125,7 +125,7 @@ def _run_with_crashing_replay(tmp_path: Path, *args: str, port: int) -> subproce
         import sys
         sys.path.insert(0, {str(HERE)!r})
         import drivers
-        drivers.REGISTRY["gps"]["nmea"] = "test_driver_restart:CrashingReplay"
+        drivers.register("gps", "nmea", config="drivers.gps.config:GpsConfig", driver="test_driver_restart:CrashingReplay")
         from agent.cli import main
         sys.exit(main(["run", "--config", {str(cfg)!r}, *{list(args)!r}]))
     """)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.config import GpsConfig
 from agent.pipeline.fixfilter import JUMP_BELIEVE_AFTER, FixFilter
+from drivers.gps.config import GpsConfig
 
 T0 = 1_790_000_000_000
 DEG_PER_KM = 1 / 111.195

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import parse
 from agent.model.clock import TimeKeeper
-from agent.config import IgnitionConfig, parse
-from agent.pipeline.pipeline import Pipeline
 from agent.model.reading import Reading, now_ms
+from agent.pipeline.pipeline import Pipeline
 from agent.store.buffer import Store
-from drivers.gpio.lines import DebouncedInput, GpioError, GpiodLine
+from drivers.gpio.lines import DebouncedInput, GpiodLine, GpioError
+from drivers.ignition.config import IgnitionConfig
 from drivers.ignition.gpio import GpioIgnition
 from support import Collector as _Collector
 from support import Running

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import GpsConfig
 from agent.demo import trip
 from agent.model.reading import Reading
+from drivers.gps.config import GpsConfig
 from drivers.gps.receiver import NmeaGps
 from support import Running, wait_until
 

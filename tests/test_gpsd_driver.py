@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from agent.config import GpsConfig
 from agent.model.reading import Reading
+from drivers.gps.config import GpsConfig
 from drivers.gps.gnsstime import GnssTimeJudge
 from drivers.gps.gpsd import GpsdGps
 from support import Running, wait_until

@@ -142,7 +142,7 @@ def test_disk_full_sheds_positions_and_keeps_going(tmp_path: Path) -> None:
 
 
 def test_readings_that_cannot_be_written_are_bounded_in_memory(tmp_path: Path, monkeypatch) -> None:
-    import agent.store.buffer as store_mod
+    import agent.store.writer as store_mod
 
     monkeypatch.setattr(store_mod, "_MAX_PENDING", 1_000)
     monkeypatch.setattr(store_mod, "_RETRY_S", 0.01)

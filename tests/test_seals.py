@@ -16,12 +16,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.config.cargo import GpioSealConfig, SerialSealConfig, SimSealConfig
 from agent.model.clock import TimeKeeper
 from agent.model.reading import Reading
+from drivers.gpio.lines import GpioError
+from drivers.seal.config import GpioSealConfig, SerialSealConfig, SimSealConfig
 from drivers.seal.eseal import BadLine, EsealMessage, UnknownProtocol, protocol_class
 from drivers.seal.eseal.generic import GenericProtocol, sentence
-from drivers.gpio.lines import GpioError
 from drivers.seal.gpio import GpioSeal
 from drivers.seal.serial import SerialSeal
 from drivers.seal.sim import SimSeal

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config.cargo import Ds18b20Config, SimTemperatureConfig
 from agent.model.clock import TimeKeeper
 from agent.model.reading import Reading
+from drivers.temperature.config import Ds18b20Config, SimTemperatureConfig
 from drivers.temperature.ds18b20 import ERRORS, Ds18b20
 from drivers.temperature.sim import SimTemperature
 from support import Collector as _Collector

@@ -1,35 +1,24 @@
 """``lorry-agent unit-dropin``: narrow the service's device access to what the config uses.
 
 The unit file allows the usual serial and GPIO device classes; this prints a systemd drop-in
-(for /etc/systemd/system/lorry-agent.service.d/devices.conf) that allows only the configured
-devices. A UART is allowed by its node; a USB receiver by its class (ttyUSB, ttyACM), since
-it may come back under another node after a replug; GPIO lines by the gpiochip class (chips
-are found by label at run time). The CAN bus is a network interface, not a device node.
+(for /etc/systemd/system/lorry-agent.service.d/devices.conf) that allows only the devices the
+configured sources' drivers say they open (``Driver.devices``; drivers/devices.py says what a
+serial port or a GPIO line needs). The CAN bus is a network interface, not a device node.
 """
 
 from __future__ import annotations
 
 from agent.config import Config
-
-USB_HINTS = ("/dev/serial/by-id/", "/dev/serial/by-path/", "/dev/ttyUSB", "/dev/ttyACM")
+from agent.daemon.runner import driver_for
+from drivers.devices import allow_lines
 
 
 def device_lines(cfg: Config) -> list[str]:
-    ports = []
-    if cfg.gps is not None and cfg.gps.port:
-        ports.append(cfg.gps.port)
-    ports += [s.port for s in cfg.seals if s.driver == "serial"]
     allow: list[str] = []
-    for port in ports:
-        if "://" in port:
-            continue  # a pyserial URL (loop://, socket://): no device node
-        if port.startswith(USB_HINTS) or any(c in port for c in "*?["):
-            allow += ["char-ttyUSB rw", "char-ttyACM rw"]
-        else:
-            allow.append(f"{port} rw")
-    if cfg.ignition is not None or any(s.driver == "gpio" for s in cfg.seals):
-        allow.append("char-gpiochip rw")
-    return list(dict.fromkeys(allow))
+    for source in cfg.sources:
+        cls, section = driver_for(cfg, source)
+        allow += cls.devices(section)
+    return allow_lines(allow)
 
 
 def dropin(cfg: Config) -> str:

@@ -19,6 +19,15 @@ def driver_status(driver: Driver) -> dict[str, Any]:
         return {"status_error": f"{type(e).__name__}: {e}"}
 
 
+def driver_health(driver: Driver, status: dict[str, Any]) -> dict[str, Any]:
+    """The driver's fields of the health reading (``Driver.health``: the GPS its ``gps``, the
+    CAN bus ``vehicle``); a driver whose hook fails adds none rather than losing the reading."""
+    try:
+        return dict(driver.health(status))
+    except Exception:  # noqa: BLE001 - a driver bug is not the health reading's
+        return {}
+
+
 def health_reading(*, started_mono: float, clock: TimeKeeper, drivers: list[Driver], pipeline_status: dict[str, Any],
                    pending: int, time_pending: int, sources: dict[str, dict[str, Any]] | None = None) -> Reading:
     """Sources' state, satellites per constellation, buffer and clock; stamped like any
@@ -29,21 +38,7 @@ def health_reading(*, started_mono: float, clock: TimeKeeper, drivers: list[Driv
     which replays died (``dead_sources``); both are absent while every driver runs well."""
     data: dict[str, Any] = {"uptime_s": int(time.monotonic() - started_mono)}
     for d in drivers:
-        st = driver_status(d)
-        if d.kind == "gps":
-            data["gps"] = {
-                "connected": st.get("connected"),
-                "last_fix_ts": st.get("last_fix_ts"),
-                "satellites_in_view": st.get("satellites_in_view", {}),
-                "bad_lines": st.get("bad_checksum", 0) + st.get("garbage", 0),
-            }
-        elif d.kind == "can":
-            data["vehicle"] = {
-                "vin": st.get("vin"),
-                "active_dtcs": len(st.get("active_dtcs", [])),
-                "can_connected": st.get("connected"),
-                "can_errors": {"error_frames": st.get("error_frames", 0), "bus_off": st.get("bus_off", 0)},
-            }
+        data.update(driver_health(d, driver_status(d)))
     fix = pipeline_status.get("last_fix")
     if fix:
         data.setdefault("gps", {})["sats_used"] = fix.get("sats")

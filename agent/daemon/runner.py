@@ -15,21 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from agent import __version__
+from agent.config import SOURCE_KINDS, Config
+from agent.daemon.health import driver_status, health_reading
+from agent.daemon.systemd import Notifier
+from agent.model.backoff import backoff_delay
+from agent.model.chain import Chain, read_key
+from agent.model.clock import TimeKeeper
+from agent.model.reading import Reading, iso_ms
+from agent.pipeline.alarms import alarm
+from agent.pipeline.pipeline import Pipeline
+from agent.store.buffer import Store
+from agent.uplink.commands import CommandError, CommandHandler
+from agent.uplink.mqtt import ConsoleUplink, MqttUplink, Uplink
 from agent.uplink.regions import STATE_KEY as USAGE_KEY
 from agent.uplink.regions import UplinkPlan
-from agent.model.backoff import backoff_delay
-from agent.pipeline.alarms import alarm
-from agent import __version__
-from agent.model.chain import Chain, read_key
-from agent.uplink.commands import CommandError, CommandHandler
-from agent.model.clock import TimeKeeper
-from agent.config import Config
-from agent.daemon.health import driver_status, health_reading
-from agent.pipeline.pipeline import Pipeline
-from agent.model.reading import Reading, iso_ms
-from agent.store.buffer import Store
-from agent.daemon.systemd import Notifier
-from agent.uplink.mqtt import ConsoleUplink, MqttUplink, Uplink
 from drivers import driver_class
 from drivers.base import Driver
 
@@ -64,18 +64,11 @@ class SourceHealth:
 
 def driver_for(config: Config, source: str) -> tuple[type[Driver], Any]:
     """The driver class a configured source selects, and its section (``Config.sources``
-    names list entries as ``seals:rear_door``)."""
-    kind, _, item = source.partition(":")
-    if item:
-        cfg = next(x for x in getattr(config, kind) if x.name == item)
-        return driver_class("seal" if kind == "seals" else kind, cfg.driver), cfg
-    cfg = getattr(config, kind)
-    name = {
-        "gps": lambda: "gpsd" if cfg.gpsd else "nmea",
-        "can": lambda: cfg.interface,
-        "ignition": lambda: cfg.source,
-    }[kind]()
-    return driver_class(kind, name), cfg
+    names list entries as ``seals:rear_door``): the registry's entry for the section's kind and
+    the ``driver`` its config names."""
+    section, _, item = source.partition(":")
+    cfg = next(x for x in getattr(config, section) if x.name == item) if item else getattr(config, section)
+    return driver_class(SOURCE_KINDS[section], cfg.driver), cfg
 
 
 def build_drivers(config: Config, emit: Any, clock: TimeKeeper) -> list[Driver]:

@@ -1,11 +1,12 @@
 """The tamper-evident event chain for seal and alarm events (docs/chain.md).
 
-Each chained event gets ``chain_seq`` (1, 2, 3… across the device's seal and alarm events),
-``prev_hash`` (the previous event's hash; the first one links to a genesis hash of the
-device id) and ``hash`` = SHA-256 of the event's canonical JSON without ``hash`` and
-``hmac``. With a per-device key, ``hmac`` = HMAC-SHA256 of the same bytes. Canonical JSON is
-RFC 8785 (JCS): keys sorted, no whitespace, numbers as ECMAScript prints them — so a backend
-in any language recomputes the same bytes from the parsed object.
+Which streams are chained is the ``chained`` column of the stream catalogue
+(agent/model/streams.py). Each chained event gets ``chain_seq`` (1, 2, 3… across the device's
+seal and alarm events), ``prev_hash`` (the previous event's hash; the first one links to a
+genesis hash of the device id) and ``hash`` = SHA-256 of the event's canonical JSON without
+``hash`` and ``hmac``. With a per-device key, ``hmac`` = HMAC-SHA256 of the same bytes.
+Canonical JSON is RFC 8785 (JCS): keys sorted, no whitespace, numbers as ECMAScript prints
+them — so a backend in any language recomputes the same bytes from the parsed object.
 
 Deleting, altering or reordering an event breaks the links that follow it; without the key
 nobody can forge a consistent replacement chain.
@@ -23,7 +24,6 @@ from typing import Any
 
 from agent.model.secrets import read_secret
 
-CHAINED_STREAMS = frozenset({"seal", "alarm"})
 CHAIN_FIELDS = ("hash", "hmac")
 
 

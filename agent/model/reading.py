@@ -7,12 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-# Streams in the order the uplink serves them when there is a backlog: events that customs and
-# dispatch act on first, then where the lorry is, then the rest. Unknown streams come last.
-STREAM_PRIORITY: tuple[str, ...] = (
-    "alarm", "seal", "position", "ignition", "temperature", "can", "health",
-)
-
 # Keys every payload object starts with; stream data may not override them. `ts_trusted`
 # (false) is added when the time could not be established.
 ENVELOPE_KEYS = ("device", "stream", "seq", "ts", "ts_trusted")
@@ -20,10 +14,11 @@ ENVELOPE_KEYS = ("device", "stream", "seq", "ts", "ts_trusted")
 PENDING_TS = '"ts":"pending"'
 
 
-
 @dataclass(slots=True, frozen=True)
 class Reading:
     stream: str
+    """Its topic's last level; what the agent does with a stream is in the stream catalogue
+    (agent/model/streams.py)."""
     ts_ms: int | None
     """When the reading was taken: Unix time in milliseconds, UTC; None while the time is not
     known (a Pi without RTC before GPS or NTP): the store holds it until it is."""
@@ -55,9 +50,9 @@ def encode_parts(device: str, reading: Reading) -> tuple[str, str]:
     clash = [k for k in ENVELOPE_KEYS if k in reading.data]
     if clash:
         raise ValueError(f"reading data may not set envelope keys {clash}")
-    head = '{"device":%s,"stream":%s,"seq":' % (_dumps(device), _dumps(reading.stream))
+    head = f'{{"device":{_dumps(device)},"stream":{_dumps(reading.stream)},"seq":'
     fields = _dumps(reading.data)
-    tail = "," + (PENDING_TS if reading.ts_ms is None else '"ts":"%s"' % iso_ms(reading.ts_ms))
+    tail = "," + (PENDING_TS if reading.ts_ms is None else f'"ts":"{iso_ms(reading.ts_ms)}"')
     tail += "}" if fields == "{}" else "," + fields[1:]
     return head, tail
 
@@ -68,7 +63,7 @@ def _dumps(obj: Any) -> str:
 
 def resolved_body(body: str, ts_ms: int, trusted: bool) -> str:
     """A held reading's body with its time filled in (and flagged when not trustworthy)."""
-    ts = '"ts":"%s"' % iso_ms(ts_ms) + ("" if trusted else ',"ts_trusted":false')
+    ts = f'"ts":"{iso_ms(ts_ms)}"' + ("" if trusted else ',"ts_trusted":false')
     return body.replace(PENDING_TS, ts, 1)
 
 

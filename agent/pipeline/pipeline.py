@@ -23,6 +23,7 @@ from agent.pipeline.fixfilter import FixFilter
 from agent.pipeline.geofence import Geofences
 from agent.pipeline.reporting import ReportingPolicy
 from agent.model.reading import Reading, iso_ms
+from agent.model.streams import IGNITION, POSITION, SEAL, TEMPERATURE
 from agent.store.buffer import Store
 
 log = logging.getLogger(__name__)
@@ -53,16 +54,16 @@ class Pipeline:
 
     def emit(self, reading: Reading) -> None:
         stream = reading.stream
-        if stream == "position":
+        if stream == POSITION:
             with self._position_lock:
                 out = self._position(reading)
             self._store(out)
             return
         if reading.ts_ms is None:
             reading = self._stamp(reading)
-        if stream == "seal":
+        if stream == SEAL:
             self._seal(reading)
-        elif stream == "temperature":
+        elif stream == TEMPERATURE:
             self.sensor_values[str(reading.data.get("sensor"))] = {
                 "c": reading.data.get("c"), "error": reading.data.get("error")}
             self._store([reading])
@@ -72,7 +73,7 @@ class Pipeline:
                     found = watch.update(reading)
                 self._alarms(reading, found)
         else:
-            if stream == "ignition":
+            if stream == IGNITION:
                 self.set_ignition(bool(reading.data.get("on")))
             self._store([reading])
 
@@ -154,7 +155,7 @@ class Pipeline:
         ]
         decision = self.policy.decide(reading.ts_ms, reading.data)
         if decision.corner is not None:
-            out.append(Reading("position", *decision.corner))
+            out.append(Reading(POSITION, *decision.corner))
         if decision.report:
             if decision.event:
                 reading = dataclasses.replace(reading, data={**reading.data, "event": decision.event})

@@ -5,7 +5,9 @@ order until it is back under 80 % of the limit: old `health`, old `can`, two of 
 old `position` readings (the track stays, at a third of the density), the same for old
 `temperature`, then the oldest positions. (Thinning by half would free no space: SQLite
 merges pages only once they are about a third full, and new rows never go into old pages.)
-Seal events, alarms and ignition changes are never shed. Readings that have waited longer
+Seal events, alarms and ignition changes are never shed. (Both lists are the stream
+catalogue's ``shed`` and ``never_shed`` columns, agent/model/streams.py; a stream the catalogue
+does not know is shed for age, never for size.) Readings that have waited longer
 than ``max_age_days`` go the same way. Every loss is reported as a `data_dropped` alarm, so a
 gap in seq at the backend is always explained.
 
@@ -19,7 +21,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-NEVER_SHED = ("seal", "alarm", "ignition")
+from agent.model.streams import NEVER_SHED, SHED_STEPS
+
 TARGET = 0.8
 # The newest readings of a stream are what the backend needs most when the link returns.
 KEEP_NEWEST = 100
@@ -50,15 +53,12 @@ class Plan:
     reason: str
 
 
-_SHED_STEPS = [("health", 1), ("can", 1), ("position", 3), ("temperature", 3), ("position", 1), ("can", 1)]
-
-
 def plan_shed(conn: sqlite3.Connection, limit_bytes: int) -> Plan | None:
     """The next rows to give up while the data is over TARGET × limit, or None when under it
     or when nothing sheddable is left."""
     if used_bytes(conn) <= TARGET * limit_bytes:
         return None
-    for stream, every in _SHED_STEPS:
+    for stream, every in SHED_STEPS:
         rows = _oldest(conn, stream, every)
         if rows:
             return Plan(stream, rows, "store_full")

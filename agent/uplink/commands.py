@@ -272,7 +272,8 @@ class CommandHandler:
             self.record.save()
         except OSError as e:
             del nonces[nonce]  # its action will not run: nothing to protect
-            raise CommandError(f"cannot record the nonce ({e.strerror or e}): not run, so it cannot be replayed") from None
+            raise CommandError(f"cannot record the nonce ({e.strerror or e}): not run, so it cannot be "
+                               "replayed") from None
 
     def _sign(self, reply: dict[str, Any]) -> dict[str, Any]:
         now = self.clock.stamp().ts_ms

@@ -2,10 +2,10 @@
 
 Every PUBACK gives a round-trip sample (publish → acknowledgement) and a delivery-rate sample:
 the bytes acknowledged between a message's publish and its own acknowledgement, over that
-time (as BBR does: acknowledgements arriving in one lump do not fake a fast link). The bandwidth-delay product (the fastest recent delivery rate
-× the shortest recent round trip) is what the link holds; we keep about twice that in
-flight, never less than two messages, and cut it into messages of about a quarter each
-(at least 100 ms of link time each).
+time (as BBR does: acknowledgements arriving in one lump do not fake a fast link). The
+bandwidth-delay product (the fastest recent delivery rate × the shortest recent round trip)
+is what the link holds; we keep about twice that in flight, never less than two messages,
+and cut it into messages of about a quarter each (at least 100 ms of link time each).
 So a slow roaming link (256 kbit/s, 300 ms) carries a few full messages at a time and a fresh
 alarm waits behind well under a second of backlog, while a fast link gets large messages and
 a deep window. Limits: ``max_message_bytes`` (and the broker's Maximum Packet Size).

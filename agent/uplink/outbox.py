@@ -1,24 +1,27 @@
 """What to send next: the store → uplink hand-off, shared by every transport.
 
-Per connection the outbox pages through each stream by row id, in stream priority order, and
-packs consecutive readings of one stream into one message (a JSON array; a lone reading is a
-JSON object). When a connection starts with a backlog of positions, the newest position goes
-first on its own, so the dispatcher sees where the lorry is now, then the backlog oldest-first.
+Per connection the outbox pages through each stream by row id, in stream priority order (the
+stream catalogue's order, agent/model/streams.py), and packs consecutive readings of one stream
+into one message (a JSON array; a lone reading is a JSON object). When a connection starts with
+a backlog of a ``newest_first`` stream (positions), its newest reading goes first on its own, so
+the dispatcher sees where the lorry is now, then the backlog oldest-first.
 
-Rows leave the store only when the transport reports the broker's acknowledgement
-(``Store.ack``); a new connection starts paging from the beginning again, so whatever was in
-flight when a link dropped is sent again with the same seq and content.
+Each batch handed out ends in one outcome (agent/uplink/outcome.py): accepted (the transport
+calls ``Store.ack``: the rows go), kept (``keep``: due again, at once or after a delay, the
+stream waiting meanwhile) or rejected (``Store.set_aside``). A new connection starts paging
+from the beginning again, so whatever was in flight when a link dropped is sent again with the
+same seq and content.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent.model.reading import STREAM_PRIORITY
+from agent.model import streams
 from agent.store.buffer import Row, Store
 
-NEWEST_FIRST_STREAM = "position"
 # Stop handing out batches while this many acknowledged rows wait for deletion: on a fast link
 # acknowledgements can outrun the store writer, and the ids would pile up in memory.
 MAX_ACKS_WAITING = 10_000
@@ -53,13 +56,19 @@ class Outbox:
         self.max_bytes = max_bytes
         self.plan = plan
         """An UplinkPlan (agent/uplink/regions.py): which streams may go now. None: all of them."""
+        self._retry_at: dict[str, float] = {}
+        """Streams whose kept batch waits for its retry: monotonic time it is due. Kept across
+        connections: a broker may close the connection after refusing (mosquitto 2.0 does)."""
         self.reset()
 
     def reset(self) -> None:
-        """A new connection: everything unacknowledged is due again."""
+        """A new connection: everything unacknowledged is due again (a stream waiting to retry
+        a refused batch when its time comes)."""
         self._cursor: dict[str, int] = {}
-        self._sent_newest: int | None = None
-        self._newest_done = False
+        self._sent_newest: dict[str, int] = {}
+        self._newest_done: set[str] = set()
+        self._split: dict[str, int] = {}
+        """Streams whose next message holds at most this many readings (once)."""
         self._idle_at = -1
         self._order: list[str] = []
         self._order_at = -1
@@ -72,10 +81,31 @@ class Outbox:
             self._cursor[batch.stream] = batch.ids[0] - 1
         self._idle_at = -1
 
+    def keep(self, batch: Batch, retry_in_s: float = 0.0, *, split: bool = False) -> None:
+        """The batch stays in the store, due again: at once, or after ``retry_in_s``, its
+        stream waiting meanwhile (the other streams go on); ``split``: the stream's next
+        message holds at most half as many readings."""
+        self.rewind(batch)
+        if split and batch.count > 1:
+            self._split[batch.stream] = batch.count // 2
+        if retry_in_s > 0:
+            self._retry_at[batch.stream] = max(self._retry_at.get(batch.stream, 0.0), time.monotonic() + retry_in_s)
+
+    @property
+    def waiting(self) -> dict[str, float]:
+        """Streams waiting to retry a kept batch → seconds until they may."""
+        now = time.monotonic()
+        return {s: max(0.0, t - now) for s, t in list(self._retry_at.items())}
+
     def next_batch(self, max_bytes: int | None = None) -> Batch | None:
         """The next message's readings, at most ``max_bytes`` of JSON (default: the limit)."""
         if self.store.release_gen != self._release_seen:
             self._page_back_to_released()
+        if self._retry_at:
+            now = time.monotonic()
+            for stream in [s for s, t in self._retry_at.items() if t <= now]:
+                del self._retry_at[stream]
+                self._idle_at = -1
         plan = self.plan
         if plan is not None and plan.generation != self._plan_seen:
             self._plan_seen = plan.generation
@@ -84,12 +114,12 @@ class Outbox:
         if durable == self._idle_at or self.store.acks_waiting >= MAX_ACKS_WAITING:
             return None
         if durable != self._order_at:
-            self._order, self._order_at = _ordered(self.store.streams()), durable
+            self._order, self._order_at = streams.ordered(self.store.streams()), durable
         budget = min(self.max_bytes, max_bytes) if max_bytes else self.max_bytes
         for stream in self._order:
-            if plan is not None and not plan.allowed(stream):
+            if stream in self._retry_at or (plan is not None and not plan.allowed(stream)):
                 continue
-            if stream == NEWEST_FIRST_STREAM and not self._newest_done:
+            if stream not in self._newest_done and streams.get(stream).newest_first:
                 first = self._newest_if_backlog(stream)
                 if first is not None:
                     return first
@@ -114,23 +144,24 @@ class Outbox:
         oldest = self.store.fetch(stream, self._cursor.get(stream, 0), 1)
         if not oldest:
             return None  # nothing durable yet: decide when there is
-        self._newest_done = True
+        self._newest_done.add(stream)
         newest = self.store.newest(stream)
         if newest is None or newest.id == oldest[0].id:
             return None
-        self._sent_newest = newest.id
+        self._sent_newest[stream] = newest.id
         return Batch(stream, (newest.id,), (newest.body,))
 
     def _page(self, stream: str, max_bytes: int) -> Batch | None:
         while True:
             after = self._cursor.get(stream, 0)
-            rows = self.store.fetch(stream, after, self.max_batch)
+            rows = self.store.fetch(stream, after, self._split.pop(stream, self.max_batch))
             if not rows:
                 return None
             picked: list[Row] = []
             size = 2
+            skip = self._sent_newest.get(stream)
             for row in rows:
-                if row.id == self._sent_newest:
+                if row.id == skip:
                     continue
                 size += len(row.body) + 1
                 if picked and size > max_bytes:
@@ -141,8 +172,3 @@ class Outbox:
                 continue
             self._cursor[stream] = picked[-1].id
             return Batch(stream, tuple(r.id for r in picked), tuple(r.body for r in picked))
-
-
-def _ordered(streams: list[str]) -> list[str]:
-    known = [s for s in STREAM_PRIORITY if s in streams]
-    return known + sorted(s for s in streams if s not in STREAM_PRIORITY)

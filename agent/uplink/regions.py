@@ -3,9 +3,11 @@
 The active profile follows the lorry's zones (``[[profiles]] zones``, geofence names): a
 Chinese SIM at home, roaming in Vietnam or Laos, the depot's Wi-Fi. A profile sends some
 streams live, some in bulk every N seconds, and holds the rest for a cheaper network;
-`alarm` and `seal` always go at once. Bytes are counted at the socket (agent/uplink/socketmeter.py) and
-charged to the active profile per calendar month (UTC); past a profile's budget only
-evidence is sent. The usage is kept in the store's state, so a restart does not reset it.
+`alarm` and `seal` always go at once (the catalogue's ``always_live``, agent/model/streams.py),
+and so does a stream the catalogue does not know (no profile can name it, so none holds it).
+Bytes are counted at the socket (agent/uplink/socketmeter.py) and charged to the active
+profile per calendar month (UTC); past a profile's budget only evidence is sent. The usage
+is kept in the store's state, so a restart does not reset it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agent.config.regions import ALWAYS_LIVE, STREAMS, UplinkProfileConfig
+from agent.config.regions import UplinkProfileConfig
+from agent.model import streams
 
-DEFAULT = UplinkProfileConfig(name="default", live=[s for s in STREAMS if s not in ALWAYS_LIVE])
+DEFAULT = UplinkProfileConfig(name="default", live=list(streams.HOLDABLE))
 STATE_KEY = "uplink_usage"
 
 
@@ -70,11 +73,14 @@ class UplinkPlan:
         return bool(budget) and self.used(self.active.name) >= budget * 1024 * 1024
 
     def allowed(self, stream: str) -> bool:
-        if stream in ALWAYS_LIVE:
+        row = streams.get(stream)
+        if row.always_live:
             return True
         p = self.active
         if self.over_budget():
             return False
+        if not row.catalogued:
+            return True  # no profile can name it: live everywhere (agent/model/streams.py)
         if stream in p.every_s:
             return stream not in self._due
         return stream in p.live
@@ -112,4 +118,4 @@ class UplinkPlan:
             profiles[p.name] = {"bytes": used, "budget_bytes": budget or None,
                                 "over_budget": bool(budget) and used >= budget}
         return {"profile": self.active.name, "month": month, "profiles": profiles,
-                "held": sorted(s for s in STREAMS if not self.allowed(s))}
+                "held": sorted(s for s in streams.NAMES if not self.allowed(s))}

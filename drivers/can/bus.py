@@ -8,30 +8,23 @@ decoded only when its sampler is due (see drivers/can/j1939/sampler.py).
 
 from __future__ import annotations
 
-import gzip
-import io
 import logging
-import re
 import threading
 import time
-import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import can
-from can.io.player import MESSAGE_READERS
 
-from agent.model.backoff import backoff_delay
-from agent.config import CanConfig
 from agent.model.reading import Reading
-from drivers.can import candump
-from drivers.base import Driver, Emit
+from drivers.base import Emit, ReconnectingDriver
+from drivers.can import candump, handlers
+from drivers.can.capture import Capture, CaptureError, frames, open_capture
+from drivers.can.config import CanConfig
+from drivers.can.handlers import IGNORED, Decoded, Ignored, Special
 from drivers.can.j1939 import dbc, spn
 from drivers.can.j1939.diag import DM1_PGN, VIN_PGN, DtcTracker, parse_dm1, parse_vin
-from drivers.can.j1939.ids import REQUEST_PGN, TP_CM_PGN, TP_DT_PGN, make_id, parse_id
-from drivers.can.j1939.sampler import Sampled
+from drivers.can.j1939.ids import REQUEST_PGN, make_id, parse_id
 from drivers.can.j1939.tp import TransportReassembler
 
 log = logging.getLogger(__name__)
@@ -53,167 +46,18 @@ MAX_AGE_S = 60.0
 REQUESTS = {"vin": VIN_PGN, "hours": spn.HOURS, "fuel": spn.LFC1}
 
 
-@dataclass(slots=True)
-class _Param:
-    name: str
-    spn: int | None
-    unit: str
-    sampled: Sampled
-
-
-class _Decoded:
-    """Frames of one identifier that carry parameters we sample."""
-
-    __slots__ = ("sa", "decode", "params", "due")
-
-    def __init__(self, sa: int, decode: Any, params: list[_Param]):
-        self.sa = sa
-        self.decode = decode
-        self.params = params
-        self.due = float("-inf")
-
-
-class _Special:
-    """Frames handled every time (transport protocol, DM1, VIN, requests)."""
-
-    __slots__ = ("kind", "pgn", "sa", "da", "due")
-
-    def __init__(self, kind: str, pgn: int, sa: int, da: int):
-        self.kind, self.pgn, self.sa, self.da = kind, pgn, sa, da
-        self.due = float("-inf")
-
-
-class _Ignored:
-    """Frames of PGNs nobody asked for: counted, nothing else."""
-
-    __slots__ = ()
-
-
-IGNORED = _Ignored()
-
-
-class CaptureError(ValueError):
-    """A replay file that cannot be read: the message names the file and the accepted forms."""
-
-
-SNIFF_BYTES = 64 * 1024
-SNIFF_FRAMES = 64
-ACCEPTED = f"accepted: {candump.FORMS}; or by python-can, by suffix: " + " ".join(
-    s for s in sorted(MESSAGE_READERS) if s != ".log")
-
-
-class Capture(NamedTuple):
-    path: Path
-    candump: bool
-    """candump text (read here, whatever the file's name); else python-can's reader by suffix."""
-    clock: str
-    """The Timeline mode for its times (drivers/can/candump.py)."""
-
-
-def open_capture(path: Path) -> Capture:
-    """What the file is, from its content: CaptureError when no frame can be read from it."""
-    try:
-        if not path.exists():
-            raise CaptureError(f"{path}: no such file")
-        if path.is_dir():
-            raise CaptureError(f"{path}: is a directory, not a capture file")
-        if not path.is_file():
-            raise CaptureError(f"{path}: not a regular file")
-        with _open_bytes(path) as f:
-            head = f.read(SNIFF_BYTES)
-    except (OSError, EOFError, zlib.error) as e:  # EOFError, zlib.error: a damaged .gz
-        raise CaptureError(f"{path}: cannot read it: {getattr(e, 'strerror', None) or e}") from e
-    if not head:
-        raise CaptureError(f"{path}: the file is empty")
-    text = _text(head)
-    lines = re.split(r"\r\n|\r|\n", text)  # universal newlines, as the replay reads them
-    lines = lines[:-1] if len(head) == SNIFF_BYTES else lines
-    parser = candump.Parser()
-    found = [p for p in map(parser.parse, lines) if p is not None][:SNIFF_FRAMES]
-    if found:
-        return Capture(path, True, candump.clock_of(found))
-    suffix = _suffix(path)
-    if suffix in MESSAGE_READERS and suffix != ".log":
-        _first_frame(path)
-        return Capture(path, False, "auto")
-    if "\x00" in text:
-        raise CaptureError(f"{path}: unknown format (binary, suffix {suffix or 'none'!r}); {ACCEPTED}")
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    raise CaptureError(f"{path}: no frame recognised in its first lines (first: {first[:60]!r}); {ACCEPTED}")
-
-
-def _open_bytes(path: Path) -> Any:
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gz else open(path, "rb")
-
-
-def _text(head: bytes) -> str:
-    """The head as text: UTF-8, or UTF-16 with its BOM (as Windows tools save it)."""
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return head.decode("utf-16", errors="replace")
-    return head.decode("utf-8", errors="replace").lstrip("\ufeff")
-
-
-def _suffix(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    return suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
-
-
-def _reader(path: Path) -> Any:
-    kwargs = {"relative_timestamp": False} if _suffix(path) == ".asc" else {}
-    return can.LogReader(str(path), **kwargs)
-
-
-def _first_frame(path: Path) -> None:
-    reader = None
-    try:
-        reader = _reader(path)
-        if next(iter(reader), None) is None:
-            raise CaptureError(f"{path}: python-can read no frame from it; {ACCEPTED}")
-    except CaptureError:
-        raise
-    except Exception as e:  # noqa: BLE001 - python-can's readers raise many types for a bad file
-        raise CaptureError(f"{path}: python-can cannot read it ({type(e).__name__}: {e}); {ACCEPTED}") from e
-    finally:
-        if reader is not None:
-            try:
-                reader.stop()
-            except Exception:  # noqa: BLE001 - closing a half-read file
-                pass
-
-
-def _frames(capture: Capture, parser: candump.Parser) -> Iterator[can.Message]:
-    """Every frame of the capture, with the times written in it (judged by the Timeline)."""
-    if not capture.candump:
-        reader = None
-        try:
-            reader = _reader(capture.path)
-            yield from reader
-        except Exception as e:  # noqa: BLE001 - a reader failing mid-file: the replay cannot go on
-            raise CaptureError(f"{capture.path}: python-can stopped reading it: {type(e).__name__}: {e}") from e
-        finally:
-            if reader is not None:
-                reader.stop()
-        return
-    with _open_bytes(capture.path) as raw:
-        bom = raw.read(2)
-        raw.seek(0)
-        encoding = "utf-16" if bom in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
-        with io.TextIOWrapper(raw, encoding=encoding, errors="replace") as f:
-            try:
-                for line in f:
-                    p = parser.parse(line)
-                    if p is not None:
-                        yield p.msg
-            except (OSError, EOFError, zlib.error) as e:  # the frames before it were replayed
-                raise CaptureError(f"{capture.path}: reading stopped: {e}") from e
-
-
-class CanBus(Driver):
+class CanBus(ReconnectingDriver):
     kind = "can"
+    open_errors = (can.CanError, OSError, ValueError)
+    lost_errors = (can.CanError, OSError)
 
     def __init__(self, config: CanConfig, emit: Emit, *, bus_factory: Any = None):
+        # First: the reconnecting loop's counters (opens, open_failures) are kept in here too.
+        self.counters = {
+            "frames": 0, "decoded_values": 0, "unknown_frames": 0, "non_j1939_frames": 0,
+            "error_frames": 0, "bus_off": 0, "opens": 0, "open_failures": 0, "requests_sent": 0,
+            "bad_timestamp": 0, "time_jumps": 0, "pacing_capped": 0,
+        }
         super().__init__(config, emit)
         self.finite = config.interface == "replay"
         self._bus_factory = bus_factory or self._open_bus
@@ -223,16 +67,9 @@ class CanBus(Driver):
         self.tp = TransportReassembler()
         self.dtcs = DtcTracker()
         self.vin: str | None = None
-        self.counters = {
-            "frames": 0, "decoded_values": 0, "unknown_frames": 0, "non_j1939_frames": 0,
-            "error_frames": 0, "bus_off": 0, "opens": 0, "open_failures": 0, "requests_sent": 0,
-            "bad_timestamp": 0, "time_jumps": 0, "pacing_capped": 0,
-        }
         self.times = candump.Timeline("live", self.counters)
         self.capture: Capture | None = None
         self._parser = candump.Parser()
-        self.connected = False
-        self.last_error: str | None = None
         self.ignition: bool | None = None
         self._group: list[dict[str, Any]] = []
         self._group_ts: float | None = None
@@ -273,31 +110,7 @@ class CanBus(Driver):
                 self._flush()
                 self.connected = False
             return
-        failures = 0
-        while not stop.is_set():
-            try:
-                bus = self._bus_factory()
-            except (can.CanError, OSError, ValueError) as e:
-                failures += 1
-                self.counters["open_failures"] += 1
-                self._problem(f"cannot open {self.config.interface} {self.config.channel}: {e}", failures == 1)
-                stop.wait(backoff_delay(failures, self.config.reopen_min_s, self.config.reopen_max_s))
-                continue
-            failures = 0
-            self.counters["opens"] += 1
-            self.connected = True
-            try:
-                self._loop(self._live(bus, stop), stop, bus)
-            except (can.CanError, OSError) as e:
-                self._problem(f"{self.config.channel} lost: {e}", True)
-                stop.wait(self.config.reopen_min_s)
-            finally:
-                self.connected = False
-                self._flush()
-                try:
-                    bus.shutdown()
-                except Exception:  # noqa: BLE001 - a vanished interface may fail to close; it is gone
-                    pass
+        super().run(stop)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -315,6 +128,43 @@ class CanBus(Driver):
             "skipped_lines": dict(self._parser.counts),
             "transport": dict(vars(self.tp.counters)),
         }
+
+    def health(self, status: dict[str, Any]) -> dict[str, Any]:
+        return {"vehicle": {
+            "vin": status.get("vin"),
+            "active_dtcs": len(status.get("active_dtcs", [])),
+            "can_connected": status.get("connected"),
+            "can_errors": {"error_frames": status.get("error_frames", 0), "bus_off": status.get("bus_off", 0)},
+        }}
+
+    # The reconnecting loop's counters (drivers/base.py), kept with the bus's own.
+    opens = property(lambda self: self.counters["opens"],
+                     lambda self, n: self.counters.__setitem__("opens", n))
+    open_failures = property(lambda self: self.counters["open_failures"],
+                             lambda self, n: self.counters.__setitem__("open_failures", n))
+
+    # -- the live bus (the loop: drivers/base.py ReconnectingDriver) ----------------------------
+
+    def _open(self) -> can.BusABC:
+        return self._bus_factory()
+
+    def _read(self, bus: can.BusABC, stop: threading.Event) -> None:
+        self._loop(self._live(bus, stop), stop, bus)
+
+    def _closed(self, bus: can.BusABC) -> None:
+        self._flush()
+
+    def _close(self, bus: can.BusABC) -> None:
+        bus.shutdown()
+
+    def _open_failed(self, error: BaseException) -> str:
+        return f"cannot open {self.config.interface} {self.config.channel}: {error}"
+
+    def _lost(self, error: BaseException) -> str:
+        return f"{self.config.channel} lost: {error}"
+
+    def _log_problem(self, message: str, error: BaseException | None, loud: bool) -> None:
+        (log.warning if loud else log.debug)("CAN: %s", message)
 
     # -- frame sources ----------------------------------------------------------------------
 
@@ -336,13 +186,13 @@ class CanBus(Driver):
         try:
             capture = self.capture = open_capture(self.config.replay)
         except CaptureError as e:
-            self._problem(str(e), True)
+            self._problem(str(e), e, loud=True)
             raise
         self.times = candump.Timeline(capture.clock, self.counters)
         speed = self.config.replay_speed
         self.connected = True
         start: tuple[float, float] | None = None
-        for msg in self.times.frames(_frames(capture, self._parser)):
+        for msg in self.times.frames(frames(capture, self._parser)):
             if stop.is_set():
                 return
             if speed > 0 and msg is not None:
@@ -384,7 +234,7 @@ class CanBus(Driver):
             if h is IGNORED:
                 counters["unknown_frames"] += 1
             elif ts >= h.due:
-                if h.__class__ is _Decoded:
+                if h.__class__ is Decoded:
                     self._sample(h, msg, ts)
                 else:
                     self._special(h, msg, ts)
@@ -404,43 +254,12 @@ class CanBus(Driver):
         key = (pgn, jid.sa, jid.da)
         h = self._by_group.get(key)
         if h is None:
-            h = self._by_group[key] = self._handler(pgn, jid.sa, jid.da)
+            h = self._by_group[key] = handlers.handler(self.config, self._dbc, pgn, jid.sa, jid.da)
         if msg.arbitration_id >= 0x800:  # lower ids may also be 11-bit or error frames: never cached
             self._handlers[msg.arbitration_id] = h
         return h
 
-    def _handler(self, pgn: int, sa: int, da: int) -> Any:
-        if pgn in (TP_CM_PGN, TP_DT_PGN, DM1_PGN, VIN_PGN):
-            return _Special("tp" if pgn in (TP_CM_PGN, TP_DT_PGN) else "msg", pgn, sa, da)
-        if (m := self._dbc.get(pgn)) is not None:
-            wanted = [i for i, s in enumerate(m.signals) if self._enabled(s.name)]
-            if not wanted:
-                return IGNORED
-            decode = m.decode if len(wanted) == len(m.signals) else (
-                lambda data, idx=tuple(wanted): [v for i, v in enumerate(m.decode(data)) if i in idx])
-            params = [self._param(m.signals[i].name, m.signals[i].spn, m.signals[i].unit, m.signals[i].deadband)
-                      for i in wanted]
-            return _Decoded(sa, decode, params)
-        signals = [s for s in spn.BY_PGN.get(pgn, ()) if self._enabled(s.name)]
-        if not signals:
-            return IGNORED
-        return _Decoded(sa, lambda data, ss=tuple(signals): [s.decode(data) for s in ss],
-                        [self._param(s.name, s.spn, s.unit, s.deadband) for s in signals])
-
-    def _enabled(self, name: str) -> bool:
-        c = self.config.signals.get(name)
-        return c is None or c.enabled
-
-    def _param(self, name: str, spn_: int | None, unit: str, deadband: float) -> _Param:
-        c = self.config.signals.get(name)
-        pick = lambda v, d: d if v is None else v  # noqa: E731
-        return _Param(name, spn_, unit, Sampled(
-            min_interval_s=pick(c and c.min_interval_s, self.config.min_interval_s),
-            max_interval_s=pick(c and c.max_interval_s, self.config.max_interval_s),
-            deadband=pick(c and c.deadband, deadband),
-        ))
-
-    def _sample(self, h: _Decoded, msg: can.Message, ts: float) -> None:
+    def _sample(self, h: Decoded, msg: can.Message, ts: float) -> None:
         values = h.decode(msg.data)
         due = float("inf")
         for p, v in zip(h.params, values):
@@ -462,7 +281,7 @@ class CanBus(Driver):
             self._emit("can", self._group_ts or 0.0, {"values": self._group})
         self._group, self._group_ts = [], None
 
-    def _special(self, h: _Special, msg: can.Message, ts: float) -> None:
+    def _special(self, h: Special, msg: can.Message, ts: float) -> None:
         if h.kind == "tp":
             done = self.tp.feed(ts, h.pgn, h.sa, h.da, bytes(msg.data))
             if done is not None:
@@ -494,7 +313,7 @@ class CanBus(Driver):
         """Bus time went back (a capture restarted, the clock stepped; the Timeline confirmed
         it): what waits for a later time would wait forever."""
         for h in self._by_group.values():
-            if h.__class__ is not _Ignored:
+            if h.__class__ is not Ignored:
                 h.due = float("-inf")
                 for p in getattr(h, "params", ()):
                     p.sampled.next_check = float("-inf")
@@ -506,7 +325,7 @@ class CanBus(Driver):
         if msg.arbitration_id & CAN_ERR_BUSOFF:
             self.counters["bus_off"] += 1
             self._bus_off_at = time.monotonic()
-            self._problem(f"{self.config.channel}: bus-off", True)
+            self._problem(f"{self.config.channel}: bus-off")
         elif msg.arbitration_id & CAN_ERR_RESTARTED:
             self._bus_off_at = None
             self.last_error = None
@@ -531,7 +350,8 @@ class CanBus(Driver):
         """No frame for RECV_TIMEOUT_S: flush, and notice a silent bus (ignition off)."""
         self._flush()
         silent = time.monotonic() - self._last_frame_mono
-        if self._bus_off_at is not None and time.monotonic() - self._bus_off_at >= BUS_OFF_REOPEN_S and silent >= BUS_OFF_REOPEN_S:
+        bus_off = self._bus_off_at
+        if bus_off is not None and time.monotonic() - bus_off >= BUS_OFF_REOPEN_S and silent >= BUS_OFF_REOPEN_S:
             self._bus_off_at = None
             raise can.CanOperationError("bus-off and silent since: reopening the interface")
         if self.config.ignition and self.ignition and silent >= self.config.ignition_silence_s:
@@ -556,11 +376,7 @@ class CanBus(Driver):
                 bus.send(msg, timeout=0.1)
                 self.counters["requests_sent"] += 1
             except can.CanError as e:
-                self._problem(f"request for {name} not sent: {e}", False)
-
-    def _problem(self, message: str, loud: bool) -> None:
-        self.last_error = message
-        (log.warning if loud else log.debug)("CAN: %s", message)
+                self._problem(f"request for {name} not sent: {e}", e, loud=False)
 
     # -- readings ----------------------------------------------------------------------------
 
@@ -569,7 +385,8 @@ class CanBus(Driver):
             # python-can stamps live frames with the system clock, which a Pi without RTC
             # cannot trust: carry the monotonic instant and let the agent's clock stamp it.
             age = min(max(0.0, time.time() - ts), MAX_AGE_S)
-            self.emit(Reading(stream, None, data, urgent=urgent, meta={"mono_ns": time.monotonic_ns() - int(age * 1e9)}))
+            meta = {"mono_ns": time.monotonic_ns() - int(age * 1e9)}
+            self.emit(Reading(stream, None, data, urgent=urgent, meta=meta))
         elif self.times.trusted:
             self.emit(Reading(stream, int(ts * 1000), data, urgent=urgent, meta={"replay": True}))
         else:

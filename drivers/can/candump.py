@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import can
 
-from drivers.gps.gnsstime import RELEASE_MS
+from agent.model.release import RELEASE_MS
 
 FORMS = ("candump text: -l log lines '(1700000000.123456) can0 0CF00400#FF7D7DE015FFF0FF' or screen "
          "lines '(000.020000)  can0  0CF00400   [8]  FF 7D 7D E0 15 FF F0 FF' with -ta/-td/-tz/-tA "
@@ -213,7 +213,8 @@ class Timeline:
         horizon = max(time.time() if now is None else now, NOT_BEFORE) + FUTURE_S
         self._auto_hi = horizon
         self.trusted = False
-        self._range = {"auto": (0.0, horizon), "local": (0.0, EPOCH_MAX), "live": (0.0, EPOCH_MAX)}.get(mode, (0.0, 0.0))
+        ranges = {"auto": (0.0, horizon), "local": (0.0, EPOCH_MAX), "live": (0.0, EPOCH_MAX)}
+        self._range = ranges.get(mode, (0.0, 0.0))
         self.base = math.nan
         """The last believed time (NaN: none yet)."""
         self._held: list[list] = []

@@ -17,7 +17,8 @@ has, in this order:
 
 A time more than half an era behind the evidence is a victim of the 10-bit GPS week rollover
 and moves forward by 1024 weeks (twice at most); a time before GPS time began (1980) is no
-rollover but nonsense; a time outside the evidence's window is refused and counted by reason. Times are plain integers (ms, days) throughout: no date arithmetic can overflow.
+rollover but nonsense; a time outside the evidence's window is refused and counted by reason.
+Times are plain integers (ms, days) throughout: no date arithmetic can overflow.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent import RELEASE_DATE
+from agent.model.release import RELEASE_MS
 
 DAY_MS = 86_400_000
 ERA_MS = 1024 * 7 * DAY_MS
@@ -46,8 +47,6 @@ EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 def day_ms(day: dt.date) -> int:
     return (day.toordinal() - EPOCH_ORDINAL) * DAY_MS
 
-
-RELEASE_MS = day_ms(dt.date.fromisoformat(RELEASE_DATE))
 
 
 @dataclass(frozen=True, slots=True)

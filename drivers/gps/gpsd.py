@@ -22,12 +22,13 @@ from collections import deque
 from typing import Any
 
 from agent.model.backoff import backoff_delay
-from agent.config import GpsConfig
 from agent.model.ranges import RangeCheck
 from agent.model.reading import Reading, iso_ms
-from drivers.base import Driver, Emit
+from drivers.base import Emit, ReconnectingDriver
+from drivers.gps import fix as gps_fix
+from drivers.gps.config import GpsConfig
+from drivers.gps.fix import SKY_STALE_S, Fix
 from drivers.gps.gnsstime import GnssTimeJudge
-from drivers.gps.nmea import SKY_STALE_S, Fix
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +44,21 @@ RECENT = 4096
 # are not positions. 5 is what gpsd makes of NMEA's "E"/quality 6 (estimated, dead reckoning).
 STATUS_FIX = {2: "dgps", 3: "rtk", 4: "rtk_float", 5: "estimated", 6: "estimated", 9: "pps"}
 NOT_POSITION = frozenset({7, 8})
-# SKY satellite gnssid → the same names as drivers.gps.nmea.CONSTELLATIONS.
+# SKY satellite gnssid → the same names as drivers.gps.fields.CONSTELLATIONS.
 GNSS = dict(enumerate(("GPS", "SBAS", "Galileo", "BeiDou", "IMES", "QZSS", "GLONASS", "NavIC")))
 
 
-class GpsdGps(Driver):
+class GpsdGps(ReconnectingDriver):
     kind = "gps"
     finite = False
+    open_errors = (OSError,)
+    lost_errors = (OSError,)
 
     def __init__(self, config: GpsConfig, emit: Emit):
         super().__init__(config, emit)
         host, _, port = (config.gpsd or "").rpartition(":")
         self.address = (host, int(port))
-        self._reopen = (config.reopen_min_s, config.reopen_max_s)
-        self.opens = self.open_failures = 0
         self.lines = self.tpv = self.fixes = self.garbage = self.no_fix = self.late = 0
-        self.connected = False
-        self.last_error: str | None = None
         self.last_fix: Fix | None = None
         self._recent: deque[int] = deque(maxlen=RECENT)  # kept across reconnections
         self.judge = GnssTimeJudge(live=True, system_now_ms=self._ntp_now_ms)
@@ -100,39 +99,35 @@ class GpsdGps(Driver):
     def _ntp_now_ms(self) -> int | None:
         return self.clock.ntp_now_ms() if self.clock is not None else None
 
-    def run(self, stop: threading.Event) -> None:
-        failures = 0
-        while not stop.is_set():
-            try:
-                sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
-            except OSError as e:
-                self.open_failures += 1
-                failures += 1
-                self._lost(f"cannot connect to gpsd {self.config.gpsd}: {e}", failures == 1)
-                stop.wait(backoff_delay(failures, *self._reopen))
-                continue
-            self.opens += 1
-            self.connected = True
-            failures = 0
-            self._reset()
-            log.info("gpsd %s connected", self.config.gpsd)
-            try:
-                sock.sendall(WATCH)
-                self._read(sock, stop)
-            except OSError as e:
-                self._lost(f"gpsd {self.config.gpsd} lost: {e}", True)
-            finally:
-                self.connected = False
-                self._flush()
-                sock.close()
-            if not stop.is_set():
-                stop.wait(backoff_delay(1, *self._reopen))
+    def health(self, status: dict[str, Any]) -> dict[str, Any]:
+        return gps_fix.health(status)
 
-    def _lost(self, message: str, loud: bool) -> None:
-        self.last_error = message
+    # -- the connection (the loop: drivers/base.py ReconnectingDriver) ---------------------------
+
+    def _open(self) -> socket.socket:
+        return socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
+
+    def _opened(self, sock: socket.socket) -> None:
+        self._reset()
+        log.info("gpsd %s connected", self.config.gpsd)
+
+    def _closed(self, sock: socket.socket) -> None:
+        self._flush()
+
+    def _open_failed(self, error: BaseException) -> str:
+        return f"cannot connect to gpsd {self.config.gpsd}: {error}"
+
+    def _lost(self, error: BaseException) -> str:
+        return f"gpsd {self.config.gpsd} lost: {error}"
+
+    def _reopen_delay(self) -> float:
+        return backoff_delay(1, self.reopen_min_s, self.reopen_max_s)
+
+    def _log_problem(self, message: str, error: BaseException | None, loud: bool) -> None:
         (log.warning if loud else log.debug)("GPS: %s", message)
 
     def _read(self, sock: socket.socket, stop: threading.Event) -> None:
+        sock.sendall(WATCH)
         sock.settimeout(POLL_S)
         buf = b""
         heard = time.monotonic()
@@ -140,7 +135,7 @@ class GpsdGps(Driver):
             try:
                 chunk = sock.recv(65536)
                 if not chunk:
-                    self._lost(f"gpsd {self.config.gpsd} closed the connection", True)
+                    self._problem(f"gpsd {self.config.gpsd} closed the connection")
                     return
                 heard = time.monotonic()
                 *lines, buf = (buf + chunk).split(b"\n")
@@ -230,7 +225,8 @@ class GpsdGps(Driver):
         alt = _num(tpv.get("altMSL"))
         sats, hdop = self._pending_sky
         fix = Fix(
-            ts, lat, lon, keep("speed_kmh", None if speed is None else speed * 3.6), keep("course", _num(tpv.get("track"))),
+            ts, lat, lon, keep("speed_kmh", None if speed is None else speed * 3.6),
+            keep("course", _num(tpv.get("track"))),
             keep("alt_m", _num(tpv.get("alt")) if alt is None else alt), sats, hdop,
             STATUS_FIX.get(status, "gps"), mode,
         )

@@ -10,7 +10,8 @@ update the receiver's state.
 
 Nothing a line contains escapes as an exception: a line that cannot be used is counted by why.
 Dates are judged by drivers/gps/gnsstime.py (week rollover, impossible dates) and values by
-agent/model/ranges.py (an HDOP of -5 is published as null, not as -5).
+agent/model/ranges.py (an HDOP of -5 is published as null, not as -5); fields are read by
+drivers/gps/fields.py.
 """
 
 from __future__ import annotations
@@ -20,80 +21,42 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import reduce
-from math import isfinite
 from operator import xor
-from typing import Any
-
-import pynmea2
 
 from agent.model.ranges import RangeCheck
+from drivers.gps.fields import (
+    CONSTELLATIONS,
+    EPOCH_ORDINAL,
+    GGA_ALT,
+    GGA_HDOP,
+    GGA_SATS,
+    GNS_ALT,
+    GNS_HDOP,
+    GNS_SATS,
+    LATLON,
+    RMC_COURSE,
+    RMC_DATE,
+    RMC_SPEED,
+    STATE_TYPES,
+    TIME,
+    TIMELESS,
+    VTG_KMH,
+    VTG_KNOTS,
+    VTG_TRACK,
+    WIDTH,
+    ZDA_DAY,
+    ZDA_MONTH,
+    ZDA_YEAR,
+    day_number,
+    degrees,
+    fix_kind_of,
+    knots_kmh,
+    real,
+    tod_ms,
+    whole,
+)
+from drivers.gps.fix import SKY_STALE_S, Fix
 from drivers.gps.gnsstime import DAY_MS, GnssTimeJudge
-
-# Sentence types that belong to an epoch; everything else below is receiver state.
-EPOCH_TYPES = frozenset({"RMC", "GGA", "GNS", "GLL", "ZDA", "VTG"})
-TIMELESS = frozenset({"VTG"})
-STATE_TYPES = frozenset({"GSA", "GSV"})
-# pynmea2's sentence classes are the field layout: where each field sits in each type.
-_LAYOUT = {k: pynmea2.TalkerSentence.sentence_types[k] for k in EPOCH_TYPES}
-_WIDTH = {k: len(cls.fields) for k, cls in _LAYOUT.items()}
-
-
-def _i(kind: str, name: str) -> int:
-    return _LAYOUT[kind].name_to_idx[name]
-
-
-TIME = {k: _i(k, "timestamp") for k in EPOCH_TYPES if k != "VTG"}
-RMC_STATUS, RMC_SPEED, RMC_COURSE, RMC_DATE, RMC_MODE = (
-    _i("RMC", n) for n in ("status", "spd_over_grnd", "true_course", "datestamp", "mode_indicator"))
-GGA_QUAL, GGA_SATS, GGA_HDOP, GGA_ALT = (_i("GGA", n) for n in ("gps_qual", "num_sats", "horizontal_dil", "altitude"))
-GNS_MODE, GNS_SATS, GNS_HDOP, GNS_ALT = (_i("GNS", n) for n in ("mode_indicator", "num_sats", "hdop", "altitude"))
-GLL_STATUS = _i("GLL", "status")
-VTG_TRACK, VTG_KNOTS, VTG_KMH = (_i("VTG", n) for n in ("true_track", "spd_over_grnd_kts", "spd_over_grnd_kmph"))
-ZDA_DAY, ZDA_MONTH, ZDA_YEAR = (_i("ZDA", n) for n in ("day", "month", "year"))
-LATLON = {k: tuple(_i(k, n) for n in ("lat", "lat_dir", "lon", "lon_dir")) for k in ("RMC", "GGA", "GNS", "GLL")}
-
-KNOT_KMH = 1.852
-_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
-
-# GGA quality indicator → the payload's `fix`; None = not a position.
-GGA_FIX = {1: "gps", 2: "dgps", 3: "pps", 4: "rtk", 5: "rtk_float", 6: "estimated"}
-# RMC/GNS/GLL/VTG mode indicator (NMEA 2.3+) → `fix`; N, M (manual), S (simulator) are not.
-MODE_FIX = {"A": "gps", "D": "dgps", "P": "pps", "R": "rtk", "F": "rtk_float", "E": "estimated"}
-
-# GSV talker → constellation. GN (NMEA 4.11 mixed GSV) is counted under its own name.
-CONSTELLATIONS = {
-    "GP": "GPS", "GL": "GLONASS", "GA": "Galileo", "BD": "BeiDou", "GB": "BeiDou",
-    "GQ": "QZSS", "QZ": "QZSS", "PQ": "QZSS", "GI": "NavIC", "IN": "NavIC", "GN": "GNSS",
-}
-# A constellation not heard of for this long is no longer in view.
-SKY_STALE_S = 10.0
-
-
-@dataclass(slots=True)
-class Fix:
-    ts_ms: int
-    lat: float
-    lon: float
-    speed_kmh: float | None
-    course: float | None
-    alt_m: float | None
-    sats: int | None
-    hdop: float | None
-    fix: str
-    mode: int | None = None
-    """GSA fix mode: 2 = 2D, 3 = 3D; None when the receiver sends no GSA."""
-
-    def as_data(self) -> dict[str, Any]:
-        return {
-            "lat": round(self.lat, 7),
-            "lon": round(self.lon, 7),
-            "speed_kmh": None if self.speed_kmh is None else round(self.speed_kmh, 2),
-            "course": self.course,
-            "alt_m": self.alt_m,
-            "sats": self.sats,
-            "hdop": self.hdop,
-            "fix": self.fix,
-        }
 
 
 @dataclass
@@ -150,7 +113,7 @@ class NmeaAssembler:
         self._expected: frozenset[str] = frozenset()
         self._last_tod: int | None = None
         self._last_kinds: set[str] = set()
-        self._date: int | None = None if default_date is None else _day(default_date)
+        self._date: int | None = None if default_date is None else day_number(default_date)
         """The current date as days since 1970 (integers: no date can overflow)."""
         self._date_tod: int = 0
         self._date_measured = False
@@ -202,7 +165,7 @@ class NmeaAssembler:
             tod = self._tod  # the epoch's second sentence: same time text, parsed once
         else:
             try:
-                tod = _tod_ms(raw_time.strip())
+                tod = tod_ms(raw_time.strip())
             except ValueError:
                 self.counters.bad_field += 1
                 return
@@ -278,7 +241,7 @@ class NmeaAssembler:
             self.counters.ignored += 1
         elif kind in STATE_TYPES:
             self._state(kind, fields)
-        elif (width := _WIDTH.get(kind)) is not None:
+        elif (width := WIDTH.get(kind)) is not None:
             # Fields by pynmea2's layout (padded: receivers drop trailing empty fields). The
             # checksum and split above are done once, which is what keeps this path fast.
             data = fields[1:]
@@ -323,7 +286,7 @@ class NmeaAssembler:
     def _learn_date(self, kind: str, msg: list[str], tod: int) -> None:
         try:
             if kind == "ZDA":
-                day = _day(dt.date(int(msg[ZDA_YEAR]), int(msg[ZDA_MONTH]), int(msg[ZDA_DAY])))
+                day = day_number(dt.date(int(msg[ZDA_YEAR]), int(msg[ZDA_MONTH]), int(msg[ZDA_DAY])))
                 self._date_raw = None  # the next RMC's date is read again, not taken as known
             else:
                 raw = msg[RMC_DATE].strip()
@@ -332,7 +295,7 @@ class NmeaAssembler:
                     return
                 if len(raw) != 6 or not raw.isdigit():
                     return
-                day = _day(dt.date(self._century(int(raw[4:6])), int(raw[2:4]), int(raw[0:2])))
+                day = day_number(dt.date(self._century(int(raw[4:6])), int(raw[2:4]), int(raw[0:2])))
                 self._date_raw = raw
         except ValueError:
             return
@@ -341,7 +304,7 @@ class NmeaAssembler:
     def _century(self, yy: int) -> int:
         """RMC's two-digit year in the century nearest the best evidence of the era: '99'
         is 1999 in 2026 (then a week-rollover victim, or refused), never 2099."""
-        ref = dt.date.fromordinal(_EPOCH_ORDINAL + self.judge.era_reference_ms(self._mono_ns()) // DAY_MS).year
+        ref = dt.date.fromordinal(EPOCH_ORDINAL + self.judge.era_reference_ms(self._mono_ns()) // DAY_MS).year
         year = ref - ref % 100 + yy
         if year - ref > 50:
             year -= 100
@@ -355,7 +318,7 @@ class NmeaAssembler:
             hint = self._date_hint() if self._date_hint else None
             if hint is None:
                 return None
-            self._date, self._date_tod, self._date_measured = _day(hint), tod, False
+            self._date, self._date_tod, self._date_measured = day_number(hint), tod, False
         if tod < self._date_tod - DAY_MS // 2:
             self._date += 1
         self._date_tod = tod
@@ -394,7 +357,7 @@ class NmeaAssembler:
         rmc, gga, gns, gll, vtg = p.get("RMC"), p.get("GGA"), p.get("GNS"), p.get("GLL"), p.get("VTG")
         if rmc is None and gga is None and gns is None and gll is None:
             return None  # ZDA or VTG alone: a time, not a position
-        fix_kind = _fix_kind(rmc, gga, gns, gll)
+        fix_kind = fix_kind_of(rmc, gga, gns, gll)
         if fix_kind is None:
             self.counters.no_fix += 1
             return None
@@ -409,23 +372,23 @@ class NmeaAssembler:
         if self._date_measured:
             self._believed = (day, self._date_tod)
         src, (la, ns, lo, ew) = next((p[k], LATLON[k]) for k in ("RMC", "GGA", "GNS", "GLL") if k in p)
-        lat = _degrees(src[la], 2, src[ns], "NS", 90)
-        lon = _degrees(src[lo], 3, src[ew], "EW", 180)
+        lat = degrees(src[la], 2, src[ns], "NS", 90)
+        lon = degrees(src[lo], 3, src[ew], "EW", 180)
         if rmc is not None:
-            speed = _knots_kmh(rmc[RMC_SPEED])
-            course = _float(rmc[RMC_COURSE])
+            speed = knots_kmh(rmc[RMC_SPEED])
+            course = real(rmc[RMC_COURSE])
         elif vtg is not None:
             # Knots first, like RMC: receivers round the km/h field on its own ("0.0 N, 0.1 K").
-            speed = _knots_kmh(vtg[VTG_KNOTS])
+            speed = knots_kmh(vtg[VTG_KNOTS])
             if speed is None:
-                speed = _float(vtg[VTG_KMH])
-            course = _float(vtg[VTG_TRACK])
+                speed = real(vtg[VTG_KMH])
+            course = real(vtg[VTG_TRACK])
         else:
             speed = course = None
         if gga is not None:
-            alt, sats, hdop = _float(gga[GGA_ALT]), _int(gga[GGA_SATS]), _float(gga[GGA_HDOP])
+            alt, sats, hdop = real(gga[GGA_ALT]), whole(gga[GGA_SATS]), real(gga[GGA_HDOP])
         elif gns is not None:
-            alt, sats, hdop = _float(gns[GNS_ALT]), _int(gns[GNS_SATS]), _float(gns[GNS_HDOP])
+            alt, sats, hdop = real(gns[GNS_ALT]), whole(gns[GNS_SATS]), real(gns[GNS_HDOP])
         else:
             alt = sats = hdop = None
         keep = self.ranges.keep
@@ -435,80 +398,3 @@ class NmeaAssembler:
         mode = self._mode if self._mode in (2, 3) else None
         return Fix(ts, lat, lon, keep("speed_kmh", speed), keep("course", course), keep("alt_m", alt),
                    None if sats is None else int(sats), keep("hdop", hdop), fix_kind, mode)
-
-
-def _fix_kind(rmc: list[str] | None, gga: list[str] | None, gns: list[str] | None,
-              gll: list[str] | None) -> str | None:
-    """What kind of fix the epoch's sentences agree on; None if any says there is none."""
-    kind: str | None = "gps"
-    if rmc is not None:
-        if rmc[RMC_STATUS].strip() != "A":
-            return None
-        if mode := rmc[RMC_MODE].strip():
-            kind = MODE_FIX.get(mode[0])
-    if gga is not None and kind is not None:
-        qual = _int(gga[GGA_QUAL])
-        kind = GGA_FIX.get(qual) if qual is not None else None
-    if gns is not None and kind is not None:
-        gns_kind = next((m for c in gns[GNS_MODE].strip() if (m := MODE_FIX.get(c))), None)
-        if gns_kind is None:
-            return None
-        if rmc is None and gga is None:
-            kind = gns_kind
-    if gll is not None and kind is not None and gll[GLL_STATUS].strip() != "A":
-        return None
-    return kind
-
-
-def _tod_ms(raw: str) -> int | None:
-    """``hhmmss[.sss]`` → milliseconds since midnight."""
-    if len(raw) < 6:
-        return None
-    h, m, s = int(raw[0:2]), int(raw[2:4]), float(raw[4:])
-    if not (0 <= h < 24 and 0 <= m < 60 and 0 <= s < 61):
-        raise ValueError(raw)
-    return (h * 3600 + m * 60) * 1000 + round(s * 1000)
-
-
-def _degrees(raw: str, deg_digits: int, hemi: str, dirs: str, limit: float) -> float:
-    """``ddmm.mmmm`` (or ``dddmm.mmmm``) and a hemisphere letter → signed decimal degrees."""
-    n = deg_digits + 2
-    if hemi not in _HEMISPHERES[dirs] or raw[n:n + 1] not in _DOT_OR_END or not raw[:n].isdigit():
-        raw, hemi = raw.strip(), hemi.strip()  # padded fields are rare: check again, slowly
-        if hemi not in _HEMISPHERES[dirs] or raw[n:n + 1] not in _DOT_OR_END or not raw[:n].isdigit():
-            raise ValueError(raw)
-    frac = raw[n + 1:]
-    if frac and not frac.isdigit():
-        raise ValueError(raw)
-    minutes = float(raw[deg_digits:])
-    value = int(raw[:deg_digits]) + minutes / 60
-    if minutes >= 60 or value > limit:
-        raise ValueError(raw)
-    return -value if hemi == dirs[1] else value
-
-
-_HEMISPHERES = {"NS": ("N", "S"), "EW": ("E", "W")}
-_DOT_OR_END = (".", "")
-
-
-def _float(raw: str) -> float | None:
-    if not raw or raw.isspace():
-        return None
-    v = float(raw)  # ValueError on junk: the epoch's fields are untrustworthy
-    if not isfinite(v):
-        raise ValueError(raw)
-    return v
-
-
-def _int(raw: str) -> int | None:
-    return int(raw) if raw and not raw.isspace() else None
-
-
-def _knots_kmh(raw: str) -> float | None:
-    v = _float(raw)
-    return None if v is None else v * KNOT_KMH
-
-
-def _day(day: dt.date) -> int:
-    """Days since 1970-01-01."""
-    return day.toordinal() - _EPOCH_ORDINAL

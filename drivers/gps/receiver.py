@@ -13,12 +13,14 @@ from typing import IO, Any
 
 import serial
 
-from agent.model.backoff import backoff_delay
-from agent.config import GpsConfig
 from agent.model.reading import Reading, iso_ms
-from drivers.base import Driver, Emit
+from drivers.base import Emit, ReconnectingDriver
+from drivers.devices import serial_port
+from drivers.gps import fix as gps_fix
+from drivers.gps.config import GpsConfig
+from drivers.gps.fix import Fix
 from drivers.gps.gnsstime import GnssTimeJudge
-from drivers.gps.nmea import Fix, NmeaAssembler
+from drivers.gps.nmea import NmeaAssembler
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,10 @@ QUIET_S = 1.5
 MAX_PACING_WAIT_S = 60.0
 
 
-class NmeaGps(Driver):
+class NmeaGps(ReconnectingDriver):
     kind = "gps"
+    open_errors = (serial.SerialException, OSError, ValueError)
+    lost_errors = (serial.SerialException, OSError)
 
     def __init__(self, config: GpsConfig, emit: Emit):
         super().__init__(config, emit)
@@ -40,13 +44,9 @@ class NmeaGps(Driver):
         # capture's against its own date (drivers/gps/gnsstime.py).
         judge = GnssTimeJudge(live=not self.finite, system_now_ms=self._ntp_now_ms)
         self.nmea = NmeaAssembler(judge=judge)
-        self.opens = 0
-        self.open_failures = 0
         self.overlong = 0
-        self.connected = False
         self.device: str | None = None
         """The device actually open (a glob in `port` picks one)."""
-        self.last_error: str | None = None
         self.last_fix: Fix | None = None
 
     @classmethod
@@ -65,11 +65,15 @@ class NmeaGps(Driver):
             return [f"[gps] replay: cannot read {config.replay}: {e}; must be a NMEA capture (optionally .gz)"]
         return []
 
+    @classmethod
+    def devices(cls, config: GpsConfig) -> list[str]:
+        return serial_port(config.port) if config.port else []
+
     def run(self, stop: threading.Event) -> None:
         if self.config.replay is not None:
             self._replay(self.config.replay, stop)
         else:
-            self._serial(stop)
+            super().run(stop)
 
     def status(self) -> dict[str, Any]:
         c = self.nmea.counters
@@ -97,6 +101,9 @@ class NmeaGps(Driver):
             "out_of_range": dict(self.nmea.ranges.counts),
             "satellites_in_view": self.nmea.satellites_in_view,
         }
+
+    def health(self, status: dict[str, Any]) -> dict[str, Any]:
+        return gps_fix.health(status)
 
     def _ntp_now_ms(self) -> int | None:
         return self.clock.ntp_now_ms() if self.clock is not None else None
@@ -135,40 +142,27 @@ class NmeaGps(Driver):
         finally:
             self.connected = False
 
-    # -- serial -------------------------------------------------------------------------------
+    # -- serial (the loop: drivers/base.py ReconnectingDriver) -----------------------------------
 
-    def _serial(self, stop: threading.Event) -> None:
-        failures = 0
-        while not stop.is_set():
-            try:
-                path = _resolve(self.config.port)
-                port = serial.serial_for_url(path, baudrate=self.config.baudrate, timeout=0.5)
-            except (serial.SerialException, OSError, ValueError) as e:
-                self.open_failures += 1
-                self._lost(f"cannot open {self.config.port}: {e}", failures == 0)
-                failures += 1
-                stop.wait(backoff_delay(failures, self.config.reopen_min_s, self.config.reopen_max_s))
-                continue
-            self.opens += 1
-            self.connected = True
-            self.device = path
-            failures = 0
-            log.info("GPS %s open", path)
-            try:
-                self._read(port, stop)
-            except (serial.SerialException, OSError) as e:
-                self._lost(f"{self.config.port} lost: {e}", True)
-                stop.wait(self.config.reopen_min_s)
-            finally:
-                self.connected = False
-                self._emit(self.nmea.finish())
-                try:
-                    port.close()
-                except Exception:  # closing a vanished device may fail; it is gone either way
-                    pass
+    def _open(self) -> serial.SerialBase:
+        path = _resolve(self.config.port)
+        port = serial.serial_for_url(path, baudrate=self.config.baudrate, timeout=0.5)
+        self.device = path
+        return port
 
-    def _lost(self, message: str, loud: bool) -> None:
-        self.last_error = message
+    def _opened(self, port: serial.SerialBase) -> None:
+        log.info("GPS %s open", self.device)
+
+    def _closed(self, port: serial.SerialBase) -> None:
+        self._emit(self.nmea.finish())
+
+    def _open_failed(self, error: BaseException) -> str:
+        return f"cannot open {self.config.port}: {error}"
+
+    def _lost(self, error: BaseException) -> str:
+        return f"{self.config.port} lost: {error}"
+
+    def _log_problem(self, message: str, error: BaseException | None, loud: bool) -> None:
         (log.warning if loud else log.debug)("GPS: %s", message)
 
     def _read(self, port: serial.SerialBase, stop: threading.Event) -> None:

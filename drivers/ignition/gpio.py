@@ -10,11 +10,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from agent.config import IgnitionConfig
 from agent.model.reading import Reading
 from drivers.base import Emit
-from drivers.gpio.lines import GpiodLine, LineSource
 from drivers.gpio.input import GpioInputDriver
+from drivers.gpio.lines import GpiodLine, LineSource
+from drivers.ignition.config import IgnitionConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class GpioIgnition(GpioInputDriver):
     def _counters(self) -> dict[str, Any]:
         return {"state": self.state, "changes": self.changes}
 
-    def _opened(self, state: bool) -> None:
+    def _level_at_open(self, state: bool) -> None:
         log.info("ignition: %s open, %s", self._line, "on" if state else "off")
 
     def _report(self, active: bool, mono_ns: int) -> None:

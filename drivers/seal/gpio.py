@@ -12,11 +12,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from agent.config.cargo import GpioSealConfig
 from agent.model.reading import Reading
 from drivers.base import Emit
-from drivers.gpio.lines import GpiodLine, LineSource
 from drivers.gpio.input import GpioInputDriver
+from drivers.gpio.lines import GpiodLine, LineSource
+from drivers.seal.config import GpioSealConfig
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import serial
 
-from agent.model.backoff import backoff_delay
-from agent.config.cargo import SerialSealConfig
 from agent.model.ranges import RangeCheck
 from agent.model.reading import Reading
-from drivers.base import Driver, Emit
+from drivers.base import Emit, ReconnectingDriver
+from drivers.devices import serial_port
+from drivers.seal.config import SerialSealConfig
 from drivers.seal.eseal import SEAL_ID, SEAL_STATES, BadLine, EsealMessage, UnknownProtocol, protocol_class
 
 log = logging.getLogger(__name__)
@@ -57,18 +57,16 @@ class _Seal:
     battery_low: bool = False
 
 
-class SerialSeal(Driver):
+class SerialSeal(ReconnectingDriver):
     kind = "seal"
+    open_errors = (serial.SerialException, OSError, ValueError)
+    lost_errors = (serial.SerialException, OSError)
 
     def __init__(self, config: SerialSealConfig, emit: Emit):
         super().__init__(config, emit)
         self.protocol = protocol_class(config.protocol)()
         self.port: serial.SerialBase | None = None
         """The open port (for a protocol that polls its reader; tests write to ``loop://``)."""
-        self.connected = False
-        self.opens = 0
-        self.open_failures = 0
-        self.last_error: str | None = None
         self.lines = 0
         self.messages = 0
         self.heartbeats = 0
@@ -88,6 +86,10 @@ class SerialSeal(Driver):
         except (UnknownProtocol, ImportError, AttributeError) as e:
             return [f"[seals ({config.name})] protocol: {e}"]
         return []
+
+    @classmethod
+    def devices(cls, config: SerialSealConfig) -> list[str]:
+        return serial_port(config.port)
 
     def status(self) -> dict[str, Any]:
         heard = self._heard_mono
@@ -111,36 +113,26 @@ class SerialSeal(Driver):
                       for k, s in dict(self.seals).items()},
         }
 
-    def run(self, stop: threading.Event) -> None:
-        c = self.config
-        failures = 0
-        while not stop.is_set():
-            try:
-                port = serial.serial_for_url(c.port, baudrate=c.baudrate, timeout=READ_TIMEOUT_S)
-            except (serial.SerialException, OSError, ValueError) as e:
-                self.open_failures += 1
-                failures += 1
-                self._lost(f"cannot open {c.port}: {e}", loud=failures == 1)
-                stop.wait(backoff_delay(failures, c.reopen_min_s, c.reopen_max_s))
-                continue
-            failures = 0
-            self.opens += 1
-            self.port, self.connected = port, True
-            log.info("seal %s: reader on %s open", c.name, c.port)
-            try:
-                self._read(port, stop)
-            except (serial.SerialException, OSError) as e:
-                self._lost(f"{c.port} lost: {e}", loud=True)
-                stop.wait(c.reopen_min_s)
-            finally:
-                self.port, self.connected = None, False
-                try:
-                    port.close()
-                except Exception:  # noqa: BLE001 - closing a vanished device may fail; it is gone
-                    pass
+    # -- the reader's port (the loop: drivers/base.py ReconnectingDriver) -------------------------
 
-    def _lost(self, message: str, loud: bool) -> None:
-        self.last_error = message
+    def _open(self) -> serial.SerialBase:
+        c = self.config
+        return serial.serial_for_url(c.port, baudrate=c.baudrate, timeout=READ_TIMEOUT_S)
+
+    def _opened(self, port: serial.SerialBase) -> None:
+        self.port = port
+        log.info("seal %s: reader on %s open", self.config.name, self.config.port)
+
+    def _closed(self, port: serial.SerialBase) -> None:
+        self.port = None
+
+    def _open_failed(self, error: BaseException) -> str:
+        return f"cannot open {self.config.port}: {error}"
+
+    def _lost(self, error: BaseException) -> str:
+        return f"{self.config.port} lost: {error}"
+
+    def _log_problem(self, message: str, error: BaseException | None, loud: bool) -> None:
         (log.warning if loud else log.debug)("seal %s: %s", self.config.name, message)
 
     def _read(self, port: serial.SerialBase, stop: threading.Event) -> None:
@@ -161,7 +153,8 @@ class SerialSeal(Driver):
             if len(buf) > MAX_LINE:
                 if not overlong:  # once per run of noise, not once per chunk of it
                     overlong = True
-                    self._bad("garbage", f"no line end in {MAX_LINE} bytes: the bytes before the last {MAX_LINE} dropped")
+                    self._bad("garbage",
+                              f"no line end in {MAX_LINE} bytes: the bytes before the last {MAX_LINE} dropped")
                 buf = buf[-MAX_LINE:]
 
     def _line(self, line: bytes, mono_ns: int) -> None:

@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.config.cargo import Ds18b20Config
 from agent.model.ranges import RangeCheck, describe
 from agent.model.reading import Reading
 from drivers.base import Driver, Emit
+from drivers.temperature.config import Ds18b20Config
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ class Ds18b20(Driver):
             c = read_celsius(self.config.w1_root, self.config.sensor_id)
             if self.ranges.keep("temperature_c", c) is None:
                 value, c = c, None
-                raise BadRead("garbage", f"{self.config.name}: {value} °C outside temperature_c {describe('temperature_c')}")
+                raise BadRead("garbage",
+                              f"{self.config.name}: {value} °C outside temperature_c {describe('temperature_c')}")
         except BadRead as e:
             error, detail = e.reason, str(e)
         except Exception as e:  # noqa: BLE001 - a reading that cannot be made is reported, never fatal

@@ -1,6 +1,6 @@
 """A scripted temperature profile for the demo and tests, in the lorry's time.
 
-Like the simulated seal (drivers/seal/sim.py) it follows the agent's clock, a replayed trip's
+Like the simulated seal (drivers/seal/sim.py) it follows the agent's clock (drivers/simtime.py), a replayed trip's
 GPS time, so a reefer's excursion lands at the same point of the route at any replay speed,
 including as fast as possible (every interval is given, however far the time moved between two
 looks). Readings fall on multiples of ``interval_s`` of that time, which makes a replay's
@@ -13,10 +13,10 @@ import bisect
 import threading
 from typing import Any
 
-from agent.config.cargo import SimTemperatureConfig
 from agent.model.reading import Reading, iso_ms
 from drivers.base import Driver, Emit
-from drivers.seal.sim import GPS_GRACE_S, POLL_S, LorryTime, utc_ms
+from drivers.simtime import GPS_GRACE_S, POLL_S, LorryTime, utc_ms
+from drivers.temperature.config import SimTemperatureConfig
 
 # A leap further than this many intervals (a system clock that was years off before GPS time)
 # gives the last ones only, not a flood.

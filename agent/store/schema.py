@@ -1,0 +1,123 @@
+"""Opening the store's SQLite file and its schema.
+
+A file SQLite proves damaged is moved aside and a new one started (a damaged SD card must never
+put the agent in a crash loop); a path that cannot be a database is refused with the reason,
+and nothing is moved or deleted on a guess.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import stat
+import time
+from pathlib import Path
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 3
+
+
+class StoreUnusable(OSError):
+    """The store path cannot be a database (a folder, a device, no permission): nothing is
+    moved aside or deleted, the agent refuses to start and says why."""
+
+
+def create_schema(db: sqlite_utils.Database) -> None:
+    # AUTOINCREMENT: ids never go back, even when the newest row has been deleted, so the
+    # uplink can page through a stream by id.
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS readings ("
+        " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " stream TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL,"
+        " body TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS readings_stream ON readings(stream)")
+    # v2: readings taken before the time was known are held until it is (agent/model/clock.py).
+    have = db["readings"].columns_dict
+    # v3: ``stored_ms``, the device's trusted time when the row was stored (NULL: none was
+    # known, or a v2 row): what max_age_days is judged by, never the reading's own time.
+    for name, kind in (("held", int), ("mono_ns", int), ("boot_id", str), ("wall_ms", int), ("stored_ms", int)):
+        if name not in have:
+            db["readings"].add_column(name, kind, not_null_default=0 if name == "held" else None)
+    db.execute("CREATE INDEX IF NOT EXISTS readings_stored ON readings(stored_ms)")
+    db["streams"].create({"stream": str, "last_seq": int}, pk="stream", if_not_exists=True)
+    db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: we open transactions ourselves (BEGIN IMMEDIATE), so SQLite never
+    # starts one behind our back and commit points are exactly where the code says.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+def _new_file_settings(db: sqlite_utils.Database) -> None:
+    """Settings a database file takes only before its first table (and before WAL mode)."""
+    if not db.table_names():
+        # Lets a full disk get space back: pages freed by shedding can be returned to the
+        # filesystem (PRAGMA incremental_vacuum), not only reused inside the file.
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+
+
+def check_path(path: Path) -> None:
+    """The store path must be a regular file or not exist yet; anything else is refused, never
+    moved aside: a folder given by mistake may hold everything else on the device."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreUnusable(f"store {path}: cannot look at it: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise StoreUnusable(f"store {path} is {kind}; [store] path must name a database file "
+                            f"(e.g. {path / 'buffer.db' if stat.S_ISDIR(st.st_mode) else path.with_suffix('.db')})")
+
+
+# SQLite's own verdicts that a file is not a sound database (anything else, such as "unable to
+# open database file" for a permission problem, proves nothing about the file).
+_DAMAGED = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+
+
+def _proves_damage(e: sqlite3.DatabaseError) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return code is None or code & 0xFF in _DAMAGED
+
+
+def open_db(path: Path) -> tuple[sqlite_utils.Database, Path | None]:
+    """Open the buffer. A file that SQLite proves damaged is moved aside (kept for forensics)
+    and a new one started: a damaged card must never put the agent in a crash loop. Any other
+    failure (permissions, a vanished folder) is raised: nothing is renamed on a guess.
+    Returns the database and where a damaged file went, if one did."""
+    conn = None
+    try:
+        conn = connect(path)
+        db = sqlite_utils.Database(conn)
+        _new_file_settings(db)
+        db.enable_wal()
+        ok = db.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {ok}")  # no error code: proven damage
+        aside = None
+    except sqlite3.DatabaseError as e:
+        if conn is not None:
+            conn.close()
+        if not _proves_damage(e) or not path.is_file():
+            raise StoreUnusable(f"store {path}: cannot open it: {e}") from None
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        log.error("store %s is damaged (%s); moved aside to %s, starting a new one", path, e, aside)
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{path}{suffix}")
+            if src.exists():
+                os.replace(src, Path(f"{aside}{suffix}"))
+        db = sqlite_utils.Database(connect(path))
+        _new_file_settings(db)
+        db.enable_wal()
+    db.execute("PRAGMA synchronous = NORMAL")
+    return db, aside
