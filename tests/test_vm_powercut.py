@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import vmimage  # noqa: E402
 from agent.demo import trip  # noqa: E402
-from agent.localbroker import Mosquitto  # noqa: E402
-from agent.verify import verify  # noqa: E402
+from agent.demo.broker import Mosquitto  # noqa: E402
+from agent.tools.verify import verify  # noqa: E402
 from support import REPO, Backend, wait_until, write_config  # noqa: E402
 
 pytestmark = pytest.mark.vm
