@@ -73,7 +73,7 @@ def check_text(value: Any) -> None:
 
 
 # Bounds, declared once per kind of number. Every number a key takes has both a lower and an
-# upper bound (tests/test_check_config.py checks it for every key): a value past them is a
+# upper bound (tests/agent/config/test_check_config.py checks it for every key): a value past them is a
 # typo or an attack, never a setting, and left through it overflows a timer (Event.wait takes
 # at most ~292 years), an int, or a disk much later, in a thread nobody watches.
 DAY_S = 86_400

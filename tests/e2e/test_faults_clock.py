@@ -1,6 +1,6 @@
 """Fault injection, continued: a wall clock that jumps by days, and memory over an accelerated soak.
 
-Real agent processes against a real mosquitto, on loopback, checked the way tests/test_faults.py
+Real agent processes against a real mosquitto, on loopback, checked the way tests/e2e/test_faults.py
 checks them (its ``check_delivery``: every seq of every stream at the backend, re-sends
 identical, the seal/alarm chain verified, the store sound).
 
@@ -94,7 +94,7 @@ def clock_trip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tri
 # the bug is present, the agent process gets this sitecustomize, which sleeps the same relative
 # time with select(), which libfaketime leaves alone. Nothing else about the agent changes.
 SLEEP_SHIM = '''\
-"""Test-only (tests/test_faults_clock.py): time.sleep without clock_nanosleep, see there."""
+"""Test-only (tests/e2e/test_faults_clock.py): time.sleep without clock_nanosleep, see there."""
 import select
 import time
 

@@ -25,9 +25,9 @@ from drivers.seal.eseal.generic import GenericProtocol, sentence
 from drivers.seal.gpio import GpioSeal
 from drivers.seal.serial import SerialSeal
 from drivers.seal.sim import SimSeal
+from gpiofake import FakeChip, FakeLine, wait_for
 from support import Collector as _Collector
 from support import Running
-from test_gpio import FakeChip, FakeLine, wait_for
 
 MS = 1_000_000
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUILD_KERNEL = REPO / ".ci" / "vm" / "build-kernel"
 # Where the guest keeps what must not go to the (read-only, 9p) host tree: a tmpfs of its own.
 GUEST_TMP = "/run/vmkit"

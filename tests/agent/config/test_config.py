@@ -11,7 +11,7 @@ import pytest
 from agent import config
 from agent.config import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 MINIMAL = '[device]\nid = "CQ-HN-0042"\n'
 

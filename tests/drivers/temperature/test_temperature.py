@@ -15,14 +15,13 @@ from hypothesis import strategies as st
 
 from agent.model.clock import TimeKeeper
 from agent.model.reading import Reading
-from drivers.temperature.config import Ds18b20Config, SimTemperatureConfig
-from drivers.temperature.ds18b20 import ERRORS, Ds18b20
+from drivers.temperature.config import SimTemperatureConfig
+from drivers.temperature.ds18b20 import ERRORS
 from drivers.temperature.sim import SimTemperature
+from gpiofake import wait_for
 from support import Collector as _Collector
 from support import Running
-from test_seals import wait_for
-
-SENSOR = "28-0316a2795dff"
+from w1fake import SENSOR, ds18b20, sensor, w1_slave
 
 
 class Collector(_Collector):
@@ -30,27 +29,10 @@ class Collector(_Collector):
         return [(r.data["c"], r.data["error"]) for r in self.snapshot()]
 
 
-def w1_slave(milli_c: int | str, crc_ok: bool = True, scratchpad: str = "72 01 4b 46 7f ff 0e 10 57") -> str:
-    """What w1_therm shows in /sys/bus/w1/devices/28-*/w1_slave."""
-    crc = scratchpad.split()[-1]
-    return f"{scratchpad} : crc={crc} {'YES' if crc_ok else 'NO'}\n{scratchpad} t={milli_c}\n"
 
 
-def sensor(root: Path, files: dict[str, str | bytes]) -> Path:
-    """The sensor's directory with these files, appearing at once as sysfs's does (a driver
-    running meanwhile must not see it half-written)."""
-    device, staging = root / SENSOR, root / ".staging"
-    staging.mkdir(parents=True)
-    for name, content in files.items():
-        (staging / name).write_bytes(content.encode() if isinstance(content, str) else content)
-    shutil.rmtree(device, ignore_errors=True)
-    staging.rename(device)
-    return device
 
 
-def ds18b20(root: Path, got: Collector, interval_s: float = 60) -> Ds18b20:
-    config = Ds18b20Config(name="reefer", driver="ds18b20", sensor_id=SENSOR, w1_root=root, interval_s=interval_s)
-    return Ds18b20(config, got)
 
 
 @pytest.mark.parametrize("files, want", [

@@ -123,7 +123,7 @@ def _run_with_crashing_replay(tmp_path: Path, *args: str, port: int) -> subproce
     cfg = agent_config(tmp_path, port, gps={"replay": str(capture), "replay_speed": 0})
     code = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {str(HERE)!r})
+        sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]  # this module, and tests/ for support
         import drivers
         drivers.register("gps", "nmea", config="drivers.gps.config:GpsConfig", driver="test_driver_restart:CrashingReplay")
         from agent.cli import main

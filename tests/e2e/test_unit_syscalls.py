@@ -44,7 +44,7 @@ from support import Backend, wait_until, write_config
 
 import certs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "lorry-agent.service"
 DEMO = REPO / "agent" / "demo" / "data" / "demo.toml"
 DEVICE = "CQ-HN-0042"

@@ -37,7 +37,7 @@ import pytest
 
 import certs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / ".ci" / "build-deb"
 DEB_DIR = REPO / "systemd" / "deb"
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]

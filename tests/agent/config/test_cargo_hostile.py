@@ -37,10 +37,10 @@ from drivers.seal.eseal import BadLine, EsealMessage
 from drivers.seal.eseal.generic import GenericProtocol, sentence
 from drivers.seal.serial import SerialSeal
 from drivers.temperature.ds18b20 import ERRORS
+from gpiofake import wait_for
 from support import Collector as _Collector
 from support import Running
-from test_gpio import wait_for
-from test_temperature import SENSOR, ds18b20, sensor, w1_slave
+from w1fake import SENSOR, ds18b20, sensor, w1_slave
 
 REASONS = ("bad_checksum", "garbage", "unknown_state", "bad_field")
 SEAL_ID = re.compile(r"[A-Za-z0-9._:-]{1,32}")

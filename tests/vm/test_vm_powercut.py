@@ -1,10 +1,10 @@
 """Real power cuts (issue 12, item 2): the agent from the .deb, in a Debian 12 guest with Debian's
-kernel (tests/vmimage.py), writing its store to an ext4 filesystem on a virtio-blk disk, and
+kernel (tests/vm/vmimage.py), writing its store to an ext4 filesystem on a virtio-blk disk, and
 QEMU killed with SIGKILL at random moments, again and again on the same disk. Unlike SIGKILL of
-the agent alone (tests/test_faults.py), this loses whatever the guest had not written back: the
+the agent alone (tests/e2e/test_faults.py), this loses whatever the guest had not written back: the
 page cache goes with the machine, so a missing fsync loses data here.
 
-Each cycle boots the minimal init (tests/vmimage.py: no systemd, much quicker under software
+Each cycle boots the minimal init (tests/vm/vmimage.py: no systemd, much quicker under software
 emulation), which mounts the store's disk at /var/lib/lorry-agent and runs the agent as its
 user, as the unit would: a GPS trip replayed at 40x, a seal with urgent events every half
 second, a reefer, a depot geofence, health every 0.5 s, the chain. The host's broker (reached as
@@ -98,7 +98,7 @@ def at(seconds: float) -> dt.datetime:
 
 
 def configs(tmp: Path, port: int) -> tuple[str, str]:
-    """The workload (as tests/test_faults.py's power cuts) and the final drain's config."""
+    """The workload (as tests/e2e/test_faults.py's power cuts) and the final drain's config."""
     mqtt = {"host": "10.0.2.2", "port": port, "topic_prefix": "lorry", "keepalive_s": 5,
             "reconnect_min_s": 0.2, "reconnect_max_s": 1.0, "max_batch": 20}
     common = {"device": {"id": DEVICE}, "mqtt": mqtt, "store": {"path": "/var/lib/lorry-agent/buffer.db"},

@@ -14,7 +14,7 @@ from agent.model.reading import Reading
 from agent.store.buffer import Store
 from agent.tools.verify import verify
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 KEY = b"0123456789abcdef-device-key"
 
 

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 
 from agent.config import ConfigError, load
-from agent.demo import trip
-from linksim import LinkSim
-from agent.demo.broker import Mosquitto
 from agent.config.regions import UplinkProfileConfig
+from agent.demo import trip
+from agent.demo.broker import Mosquitto
 from agent.uplink.regions import UplinkPlan
+from backlog import backlog
+from linksim import LinkSim
 from support import REPO, AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until, write_config
-from test_slowlink import backlog
 
 DEPOT = {"name": "Chongqing depot", "kind": "depot", "seal_opening": "authorised",
          "circle": {"lat": 29.4838, "lon": 106.4460, "radius_m": 1000}}

@@ -17,7 +17,7 @@ from agent import config
 from agent.daemon.logs import RateLimit
 from agent.daemon.dropin import dropin
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "lorry-agent.service"
 INSTALLED = "/opt/lorry-agent/venv/bin/lorry-agent"
 

@@ -22,7 +22,7 @@ from agent.demo.broker import Mosquitto
 from agent.model.reading import iso_ms
 from support import REPO, AgentProcess, Backend, agent_config, wait_until
 
-REPO_DOCS = Path(__file__).resolve().parents[1] / "docs"
+REPO_DOCS = Path(__file__).resolve().parents[3] / "docs"
 KEY = b"command-key-for-CQ-HN-0042-0123456789"
 NOW = 1_795_000_000_000
 

@@ -1,5 +1,5 @@
 """The unit as shipped, under the real systemd (issue 12, item 2): the .deb installed with apt in
-a fresh Debian 12 image (tests/vmimage.py), booted with Debian's own kernel and systemd 252 as
+a fresh Debian 12 image (tests/vm/vmimage.py), booted with Debian's own kernel and systemd 252 as
 PID 1, auditing on (``audit=1``), so a system call the unit's filter forbids shows as a
 ``type=1326`` (SECCOMP) audit record and the agent dying ``status=31/SYS``, as it once did on
 ``clock_adjtime``.
@@ -164,7 +164,7 @@ def guest_driver() -> None:
 
 
 DRIVER_UNIT = """[Unit]
-Description=lorry-agent VM test driver (tests/test_vm_systemd.py)
+Description=lorry-agent VM test driver (tests/vm/test_vm_systemd.py)
 
 [Service]
 ExecStart=/usr/bin/python3 /usr/local/lib/lorry-vm/driver.py

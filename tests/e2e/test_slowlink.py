@@ -9,47 +9,18 @@ fit the link and the broker's maximum packet size, and nothing may be lost.
 from __future__ import annotations
 
 import json
-import math
-import random
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.model.chain import Chain
-from linksim import LinkSim
 from agent.demo.broker import Mosquitto
 from agent.model.reading import Reading
 from agent.store.buffer import Store
+from backlog import DEVICE, backlog
+from linksim import LinkSim
 from support import AgentProcess, Backend, agent_config, last_seqs, wait_until
-
-DEVICE = "CQ-HN-0042"
-START_MS = 1_795_000_000_000
-
-
-def backlog(db: Path, positions: int, events: int) -> None:
-    """A day's worth of buffered readings, shortened: 1 Hz positions with seal events and
-    alarms among them, written through the store (seqs and the chain as the agent makes them)."""
-    rng = random.Random(7)
-    store = Store(db, device=DEVICE, chain=Chain(DEVICE))
-    store.start()
-    lat, lon, course = 29.5630, 106.5516, 205.0
-    every = max(1, positions // max(1, events))
-    for i in range(positions):
-        course = (course + rng.gauss(0, 4)) % 360
-        lat += 0.0002 * math.cos(math.radians(course))
-        lon += 0.0002 * math.sin(math.radians(course))
-        ts = START_MS + i * 1000
-        store.append(Reading("position", ts, {"lat": round(lat, 7), "lon": round(lon, 7),
-                                              "speed_kmh": round(rng.uniform(40, 80), 2), "course": round(course, 2),
-                                              "alt_m": round(rng.uniform(200, 300), 1), "sats": rng.randint(7, 14),
-                                              "hdop": round(rng.uniform(0.6, 1.8), 1), "fix": "gps"}))
-        if i % every == every // 2:
-            store.append(Reading("seal", ts, {"seal": "container_door", "event": "opened"}, urgent=True))
-            store.append(Reading("alarm", ts, {"kind": "seal_opened", "state": "raised", "severity": "critical",
-                                               "seal": "container_door"}, urgent=True))
-    store.close()
 
 
 def arrival(backend: Backend) -> list[tuple[str, list[dict[str, Any]], int]]:
@@ -136,8 +107,8 @@ def test_messages_never_exceed_the_brokers_maximum_packet_size(tmp_path: Path) -
 def test_a_compact_encoding_failure_falls_back_to_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A codec bug must never stall the backlog: that batch goes as JSON (same topic, and the
     backend decodes both), and the error is visible in status."""
-    from agent.uplink import mqtt as uplink
     from agent.config import load
+    from agent.uplink import mqtt as uplink
     from agent.uplink.outbox import Batch
 
     cfg = load(agent_config(tmp_path, 1, mqtt_extra={"encoding": "compact"}))
@@ -163,8 +134,8 @@ def test_a_batch_sent_as_json_after_a_compact_failure_says_json(tmp_path: Path, 
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Under MQTT 5 the content type is chosen per message: the fallback JSON once went out
     labelled application/cbor."""
-    from agent.uplink import mqtt as uplink
     from agent.config import load
+    from agent.uplink import mqtt as uplink
 
     def broken(_bodies: Any) -> bytes:
         raise RuntimeError("codec bug")

@@ -1,9 +1,9 @@
 """SocketCAN and GPIO on the real kernel (issue 12): the agent's own drivers, in the real
 `lorry-agent run`, against a real `vcan0` and a gpio-sim chip read through libgpiod v2, inside
-a VM (tests/vmkit.py: the kernel of .ci/vm/build-kernel, booted by virtme-ng on the host's root).
+a VM (tests/vm/vmkit.py: the kernel of .ci/vm/build-kernel, booted by virtme-ng on the host's root).
 
 Each VM runs one guest scenario (``guest_can``, ``guest_gpio`` below; inside the guest this file
-runs as ``python tests/test_vm_hardware.py <scenario> <out dir>``). A scenario sets the hardware
+runs as ``python tests/vm/test_vm_hardware.py <scenario> <out dir>``). A scenario sets the hardware
 up, starts mosquitto on the guest's loopback, a backend subscriber and the agent, acts on the
 hardware, and records what it did and when (the guest's clock, before and after each action),
 the agent's status as it went, and every message the backend received. The tests assert on that
@@ -87,7 +87,7 @@ def vm(request: pytest.FixtureRequest) -> vmkit.Vm:
 def run_scenario(vm: vmkit.Vm, scenario: str, out: Path, timeout: float) -> dict[str, Any]:
     """Boot a VM, run ``scenario`` in it, return its record (with the VM's timings)."""
     try:
-        run = vm.run(vmkit.python(f"tests/test_vm_hardware.py {scenario} {out}"), timeout=timeout,
+        run = vm.run(vmkit.python(f"tests/vm/test_vm_hardware.py {scenario} {out}"), timeout=timeout,
                      rwdirs=[out], name=scenario)
     except vmkit.QemuUnavailable as e:
         skip_loudly(vm.log, str(e))

@@ -18,7 +18,7 @@ from agent.model.chain import Chain
 from agent.model.reading import Reading
 from agent.store.buffer import Store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def pos(i: int) -> Reading:

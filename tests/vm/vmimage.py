@@ -62,7 +62,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUILD_DEB = REPO / ".ci" / "build-deb"
 CACHE = Path(os.environ.get("LORRY_VM_CACHE", "/var/cache/lorry-agent-vm"))
 MIRROR = os.environ.get("LORRY_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -307,7 +307,7 @@ class File:
 
 
 MINIMAL_INIT = r"""#!/bin/sh
-# PID 1 for quick test boots (tests/vmimage.py): no systemd, no udev. Mounts /tmp, brings up
+# PID 1 for quick test boots (tests/vm/vmimage.py): no systemd, no udev. Mounts /tmp, brings up
 # QEMU's user-mode network, runs /usr/local/lib/lorry-vm/<vm.mode> and powers off.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8
 mountpoint -q /proc || mount -t proc proc /proc
