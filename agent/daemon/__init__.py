@@ -1,1 +1,1 @@
-"""agent/daemon"""
+"""The running agent: threads, supervision, systemd, health and logs."""

@@ -1,0 +1,1 @@
+"""``lorry-agent demo``: the bundled trip against a private mosquitto (its data is package data)."""

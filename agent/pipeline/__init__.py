@@ -1,1 +1,2 @@
-"""agent/pipeline"""
+"""What happens to a reading between its driver and the store: fix quality, reporting policy,
+geofences, alarms."""

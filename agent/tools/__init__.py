@@ -1,1 +1,1 @@
-"""agent/tools"""
+"""Backend-side tools (``watch``, ``verify-chain``): never imported by ``run``."""

@@ -1,1 +1,1 @@
-"""drivers/gpio"""
+"""Debounced GPIO input lines, shared by the ignition and seal drivers."""

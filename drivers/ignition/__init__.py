@@ -1,1 +1,1 @@
-"""drivers/ignition"""
+"""The ignition state, which switches the reporting policy between moving and parked."""

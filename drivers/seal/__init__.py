@@ -1,1 +1,1 @@
-"""drivers/seal"""
+"""Customs seals and door contacts: GPIO, e-seal readers on a serial line, and a simulation."""

@@ -1,1 +1,1 @@
-"""drivers/temperature"""
+"""Cargo temperature sensors: DS18B20 on 1-Wire, and a simulation."""
