@@ -23,7 +23,8 @@ speed, wheel speed and fuel rate move, so due samplers really decode.
    Baseline, same run, same frames: ``bus.recv(0.5)`` N times on the second instance, which
    is the floor for getting a frame out of python-can at all; everything the driver does comes
    on top, so the ratio is the share of the receive rate left after decoding and sampling.
-   Best of ``--repeat``, the two sides taking turns to go first. Goal (from the issue): >= 50,000 frames/s and >= 0.5x the bare rate.
+   Best of ``--repeat``, the two sides taking turns to go first. Goal (from the issue): >= 50,000
+   frames/s and >= 0.5x the bare rate.
 
 2. CPU at 1,500 frames/s for ``--cpu-seconds`` (default 60): a sender thread sends the mix at
    its real rate (15 frames every 10 ms) on the channel; the driver thread and, alongside, a
@@ -52,7 +53,6 @@ from _positions import REPO
 
 sys.path.insert(0, str(REPO / "tests"))
 import canlog as cl  # noqa: E402
-
 from agent.config import CanConfig  # noqa: E402
 from drivers.can.bus import CanBus  # noqa: E402
 
@@ -101,7 +101,8 @@ def streams() -> list[tuple[int, int, int, object]]:
         (1_000_000, 700_000, j(6, cl.DM1, cl.BRAKES), lambda t: cl.dm1_payload([cl.BRAKE_DTC])),
     ]
     for k, (pgn, sa) in enumerate(PROPRIETARY):
-        s.append((10_000, 1_100 + 900 * k, j(6, pgn, sa), lambda t, k=k: bytes([k, int(t * 100) & 0xFF, 0, 0, 0, 0, 0, 0])))
+        s.append((10_000, 1_100 + 900 * k, j(6, pgn, sa),
+                  lambda t, k=k: bytes([k, int(t * 100) & 0xFF, 0, 0, 0, 0, 0, 0])))
     return s
 
 
@@ -285,7 +286,8 @@ def main() -> None:
         c = bench_cpu(args.cpu_seconds)
         print(f"CPU at {RATE:,} frames/s for {c['wall']:.0f} s (sent {c['sent_rate']:,.0f}/s; "
               f"driver got {c['driver_rate']:,.0f}/s, bare loop {c['bare_rate']:,.0f}/s)")
-        print(f"  CanBus driver thread                     {c['driver']:>9.2f} % of one core ({c['readings']} readings)")
+        print(f"  CanBus driver thread                     {c['driver']:>9.2f} % of one core "
+              f"({c['readings']} readings)")
         print(f"  baseline bare recv() loop thread         {c['bare']:>9.2f} % of one core")
         print(f"  ratio driver/baseline                    {c['driver'] / c['bare']:>10.2f}x")
         print(f"  (sender thread {c['sender']:.2f} %, whole process {c['process']:.2f} %)")

@@ -51,12 +51,12 @@ import psutil
 from _positions import DEVICE, REPO, positions
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from agent.model.chain import Chain
-from linksim import LinkSim
 from agent.demo.broker import Mosquitto
+from agent.model.chain import Chain
 from agent.model.reading import Reading
 from agent.store.buffer import Store
 from agent.tools.watch import DecodeError, decode
+from linksim import LinkSim
 
 EVERYTHING_GOAL_S = 90.0
 NEWEST_GOAL_S = 5.0

@@ -46,8 +46,8 @@ from _positions import DEVICE
 from agent.config import ReportingConfig
 from agent.demo.trip import TruthFix, drive
 from agent.model.geo import local_xy, segment_distance_m
-from agent.pipeline.reporting import ReportingPolicy
 from agent.model.reading import Reading, encode_parts
+from agent.pipeline.reporting import ReportingPolicy
 
 FEWER_GOAL = 5.0
 DEVIATION_GOAL_M = 25.0

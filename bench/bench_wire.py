@@ -48,8 +48,8 @@ from _positions import DEVICE, REPO
 from bench_drain import copy_db, fill
 from paho.mqtt.enums import CallbackAPIVersion
 
-from linksim import LinkSim
 from agent.demo.broker import Mosquitto
+from linksim import LinkSim
 
 GOAL_B = 15.0
 TIMEOUT_S = 600.0

@@ -216,7 +216,8 @@ def cmdt(t_us: int, sa: int, da: int, pgn: int, payload: bytes, *, window: int =
             out.append(Frame(at(t), j1939_id(priority, TP_DT, sa, da), p))
         nxt += count
     t += gap_us
-    out.append(Frame(at(t), j1939_id(priority, TP_CM, da, sa), bytes([19, size & 0xFF, size >> 8, n, 0xFF]) + _pgn3(pgn)))
+    out.append(Frame(at(t), j1939_id(priority, TP_CM, da, sa),
+                     bytes([19, size & 0xFF, size >> 8, n, 0xFF]) + _pgn3(pgn)))
     return out
 
 
@@ -311,7 +312,8 @@ def truck(*, gap: tuple[float, float] = (40.0, 55.0), end: float = 70.0, with_er
           lambda t: eec1_data(rpm_field(t), 0 if t < 5 else 40, 0 if t < 5 else 35))
     every(100_000, 5_000, j1939_id(6, CCVS1, ENGINE),
           lambda t: ccvs1_data(wheel_speed(t), NA if 12 <= t < 13 else ERR if 13 <= t < 14 else int(t < 5 or t >= 55)))
-    every(100_000, 55_000, j1939_id(6, CCVS1, TACHO), lambda t: ccvs1_data(wheel_speed(t) + 0.5 if wheel_speed(t) else 0.0))
+    every(100_000, 55_000, j1939_id(6, CCVS1, TACHO),
+          lambda t: ccvs1_data(wheel_speed(t) + 0.5 if wheel_speed(t) else 0.0))
     every(1 * S, 10_000, j1939_id(6, ET1, ENGINE),
           lambda t: et1_data(min(85, 60 + int(t)), ERR if 15 <= t < 17 else 90 + t / 10))
     every(1 * S, 15_000, j1939_id(6, DD1, CAB), lambda t: dd1_data(62.4 - (int(t) // 10) * 0.4))

@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 class Backend:
     """A persistent-session QoS 1 subscriber to ``lorry/#``: what the tracking backend sees."""
 
-    def __init__(self, port: int, *, topic: str = "lorry/#", tls: dict[str, str] | None = None, client_id: str | None = None,
-                 mqtt5: bool = False):
+    def __init__(self, port: int, *, topic: str = "lorry/#", tls: dict[str, str] | None = None,
+                 client_id: str | None = None, mqtt5: bool = False):
         self.messages: list[tuple[str, bytes, bool]] = []
         self.content_types: dict[bytes, str | None] = {}
         """MQTT 5 content type by payload (None over MQTT 3.1.1)."""
@@ -147,11 +147,12 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 def agent_config(tmp: Path, port: int, *, gps: dict[str, Any] | None = None, mqtt_extra: dict[str, Any] | None = None,
-                 store_extra: dict[str, Any] | None = None, name: str = "agent.toml", **sections: dict[str, Any]) -> Path:
+                 store_extra: dict[str, Any] | None = None, name: str = "agent.toml",
+                 **sections: dict[str, Any]) -> Path:
     cfg: dict[str, dict[str, Any]] = {
         "device": {"id": "CQ-HN-0042"},
-        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "lorry", "reconnect_min_s": 0.2, "reconnect_max_s": 1.0,
-                 "keepalive_s": 5, **(mqtt_extra or {})},
+        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "lorry", "reconnect_min_s": 0.2,
+                 "reconnect_max_s": 1.0, "keepalive_s": 5, **(mqtt_extra or {})},
         "store": {"path": str(tmp / "state" / "buffer.db"), "sync_interval_s": 0.2, **(store_extra or {})},
         "reporting": {"min_period_s": 0, "min_distance_m": 0, "min_heading_deg": 0},
     }

@@ -42,10 +42,10 @@ from referencing.jsonschema import DRAFT202012
 
 import canlog as cl
 from agent import compact
-from agent.uplink.commands import sign_command
 from agent.demo import trip
 from agent.demo.broker import Mosquitto
 from agent.model.reading import Reading, iso_ms
+from agent.uplink.commands import sign_command
 from support import REPO, AgentProcess, Backend, agent_config, store_depth, wait_until
 
 DOC_PATH = REPO / "docs" / "asyncapi.yaml"
@@ -261,7 +261,8 @@ def test_document_is_structurally_asyncapi_3(doc: dict[str, Any]) -> None:
     assert isinstance(doc["info"]["title"], str) and isinstance(doc["info"]["version"], str)
     assert "agent" in doc["info"]["description"] and "Point of view" in doc["info"]["description"]
     assert doc["defaultContentType"] == "application/json"
-    assert set(doc) <= {"asyncapi", "id", "info", "servers", "defaultContentType", "channels", "operations", "components"}
+    assert set(doc) <= {"asyncapi", "id", "info", "servers", "defaultContentType", "channels", "operations",
+                        "components"}
 
     # Every internal reference resolves; AsyncAPI Reference Objects have no siblings.
     for path, node in walk(doc):
@@ -330,7 +331,7 @@ def test_document_is_structurally_asyncapi_3(doc: dict[str, Any]) -> None:
 
     # Schemas: valid for draft 7 (what AsyncAPI 3's Schema Object extends) and 2020-12 (what we
     # validate with).
-    for name, schema in doc["components"]["schemas"].items():
+    for schema in doc["components"]["schemas"].values():
         Draft7Validator.check_schema(schema)
         Draft202012Validator.check_schema(schema)
     assert alarm_kinds(doc) == {"dtc", "temperature", "sensor_lost", "seal_opened", "seal_cut", "seal_battery_low",
@@ -344,14 +345,16 @@ def test_the_documents_examples_match_its_schemas(doc: dict[str, Any], contract:
         for example in message["examples"]:
             ref = f"#/components/messages/{name}"
             assert contract.value_problems(ref, example["payload"]) == [], f"{name} example {example['name']}"
-            assert closed.value_problems(ref, example["payload"]) == [], f"{name} example {example['name']}: undeclared field"
+            assert closed.value_problems(ref, example["payload"]) == [], \
+                f"{name} example {example['name']}: undeclared field"
             count += 1
     assert count >= 20
 
 
 def _position(**change: Any) -> dict[str, Any]:
-    base = {"device": DEVICE, "stream": "position", "seq": 3, "ts": "2026-11-21T08:42:10.000Z", "lat": 23.9, "lon": 108.1,
-            "speed_kmh": 74.08, "course": 178.6, "alt_m": None, "sats": 14, "hdop": 0.8, "fix": "gps"}
+    base = {"device": DEVICE, "stream": "position", "seq": 3, "ts": "2026-11-21T08:42:10.000Z",
+            "lat": 23.9, "lon": 108.1, "speed_kmh": 74.08, "course": 178.6, "alt_m": None, "sats": 14, "hdop": 0.8,
+            "fix": "gps"}
     return {k: v for k, v in (base | change).items() if v is not ...}
 
 
@@ -381,14 +384,17 @@ def _position(**change: Any) -> dict[str, Any]:
                "state": "enter", "zone": "yard", "zone_kind": "customs", "seal_opening": "authorised",
                "lat": 21.97, "lon": 106.71}, False),  # not chained
     ("alarm", {"device": DEVICE, "stream": "alarm", "seq": 1, "ts": "2026-11-21T08:42:10.000Z", "kind": "seal_opened",
-               "state": "raised", "severity": "info", "seal": "door", "seal_id": None, "authorised": False, "zones": [],
-               "position": None, "chain_seq": 1, "prev_hash": "0" * 64, "hash": "1" * 64}, False),  # unauthorised: critical
+               "state": "raised", "severity": "info", "seal": "door", "seal_id": None, "authorised": False,
+               "zones": [], "position": None,
+               "chain_seq": 1, "prev_hash": "0" * 64, "hash": "1" * 64}, False),  # unauthorised: critical
     ("status", "online", True),
     ("status", "gone", False),
-    ("command", {"id": "c-1", "cmd": "ping", "ts": "2026-11-24T10:00:00.000Z", "nonce": "short", "hmac": "a" * 64}, False),
+    ("command", {"id": "c-1", "cmd": "ping", "ts": "2026-11-24T10:00:00.000Z", "nonce": "short",
+                 "hmac": "a" * 64}, False),
     ("command", {"id": "c-1", "cmd": "set_profile", "args": {"profile": "fast"}, "ts": "2026-11-24T10:00:00.000Z",
                  "nonce": "9f2c6a0e5b7d4411", "hmac": "a" * 64}, False),
-    ("commandReply", {"id": "c-1", "ok": True, "device": DEVICE, "ts": "2026-11-24T10:00:00.000Z", "hmac": "a" * 64}, False),
+    ("commandReply", {"id": "c-1", "ok": True, "device": DEVICE, "ts": "2026-11-24T10:00:00.000Z",
+                      "hmac": "a" * 64}, False),
     ("commandReply", {"id": None, "ok": False, "error": "malformed: Expecting value", "device": DEVICE, "ts": None,
                       "hmac": "a" * 64}, True),
 ])
@@ -462,14 +468,16 @@ class Operator:
     """The backend's side of the command channel: publishes signed commands."""
 
     def __init__(self, port: int):
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"op-{secrets.token_hex(3)}")
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  client_id=f"op-{secrets.token_hex(3)}")
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
     def send(self, cmd: str, ts_ms: int, **args: Any) -> str:
         body = {"id": f"c-{cmd}-{secrets.token_hex(3)}", "cmd": cmd, "args": args, "ts": iso_ms(ts_ms),
                 "nonce": secrets.token_hex(8)}
-        self.client.publish(f"{PREFIX}/{DEVICE}/cmd", json.dumps(sign_command(COMMAND_KEY, body)), qos=1).wait_for_publish(5)
+        self.client.publish(f"{PREFIX}/{DEVICE}/cmd", json.dumps(sign_command(COMMAND_KEY, body)),
+                            qos=1).wait_for_publish(5)
         return body["id"]
 
     def close(self) -> None:
@@ -541,7 +549,8 @@ def depth(db: Path) -> int:
 
 
 def alarms(backend: Backend, kind: str, state: str | None = None) -> list[dict[str, Any]]:
-    return [a for a in backend.readings("alarm") if a.get("kind") == kind and (state is None or a.get("state") == state)]
+    return [a for a in backend.readings("alarm")
+            if a.get("kind") == kind and (state is None or a.get("state") == state)]
 
 
 @pytest.fixture(scope="module", params=["json", "compact"])
@@ -593,12 +602,14 @@ def published(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             finally:
                 op.close()
             assert agent.terminate() == 0, agent.log()[-4000:]
-        wait_until(lambda: any(p == b"offline" for t, p, _r in backend.messages if t.endswith("/status")), 10, "offline")
+        wait_until(lambda: any(p == b"offline" for t, p, _r in backend.messages if t.endswith("/status")), 10,
+                   "offline")
         retained_after = retained_messages(broker.port, f"{PREFIX}/#")
 
         # The Last Will: an agent that dies without a goodbye (SIGKILL) is announced offline
         # by the broker.
-        will_cfg = agent_config(tmp, broker.port, name="will.toml", store_extra={"path": str(tmp / "will" / "buffer.db")})
+        will_cfg = agent_config(tmp, broker.port, name="will.toml",
+                                store_extra={"path": str(tmp / "will" / "buffer.db")})
         seen = len(backend.messages)
         with AgentProcess(will_cfg) as agent:
             wait_until(lambda: any(p == b"online" for t, p, _r in backend.messages[seen:]), 15, "online again")
@@ -730,7 +741,8 @@ def _published_payloads(store: Any) -> list[tuple[str, bytes]]:
     return out
 
 
-def test_a_reading_without_trusted_time_matches_the_document(tmp_path: Path, contract: Contract, closed: Contract) -> None:
+def test_a_reading_without_trusted_time_matches_the_document(tmp_path: Path, contract: Contract,
+                                                             closed: Contract) -> None:
     """No GPS, an untrusted system clock: the reading is held, then sent with ``ts_trusted: false``."""
     agent = _agent(tmp_path, time={"trust_system_clock": "never", "max_hold_s": 0.001})
     agent.store.start()

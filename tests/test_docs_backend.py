@@ -44,13 +44,13 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import BaseModel
 
 from agent import compact
-from agent.model.chain import CHAIN_FIELDS, Chain, canonical, read_key
-from agent.uplink.commands import CommandHandler, sign_command
 from agent.config import Config
 from agent.demo import trip
 from agent.demo.broker import Mosquitto
+from agent.model.chain import CHAIN_FIELDS, Chain, canonical, read_key
 from agent.model.reading import Reading, encode_parts, resolved_body
 from agent.tools.verify import verify
+from agent.uplink.commands import CommandHandler, sign_command
 from drivers.gps.nmea import NmeaAssembler
 from support import REPO, AgentProcess, Backend, agent_config, wait_until
 
@@ -148,7 +148,8 @@ def run_js_decoder(node: str, modules: Path, folder: Path, payloads: list[bytes]
     proc = subprocess.run([node, "harness.mjs"], input=json.dumps([p.hex() for p in payloads]), cwd=folder,
                           capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
-        raise AssertionError(f"the JavaScript of docs/compact.md failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"the JavaScript of docs/compact.md failed (exit {proc.returncode}):\n"
+                             f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
 
 
@@ -346,7 +347,8 @@ def test_chain_hmac_worked_example(tmp_path: Path) -> None:
     [report] = verify([event], key)
     assert report.ok
     # The misreadings the doc warns about give the other HMACs it prints, and fail.
-    decoded, with_newline = mac(base64.b64decode(key_text), ex["canonical"]), mac((key_text + "\n").encode(), ex["canonical"])
+    decoded = mac(base64.b64decode(key_text), ex["canonical"])
+    with_newline = mac((key_text + "\n").encode(), ex["canonical"])
     assert decoded in ex["part"] and with_newline in ex["part"]
     assert event["hmac"] not in (decoded, with_newline)
     assert not verify([event], base64.b64decode(key_text))[0].ok
@@ -356,7 +358,8 @@ class StubClock:
     """The device's trusted time, standing still (agent/model/clock.py ``TimeKeeper``'s interface)."""
 
     def __init__(self, iso: str | None):
-        self.ts_ms = None if iso is None else int(dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+        self.ts_ms = (None if iso is None
+                      else int(dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000))
 
     def mono_now(self) -> int:
         return 1_000_000_000
@@ -556,8 +559,8 @@ def test_the_example_configs_commented_defaults_are_agent_config() -> None:
         if isinstance(real, (list, dict)):
             if value != real:
                 wrong.append(f"line {n}: [{table}] {key} = {value!r}, agent/config/__init__.py {real!r}")
-        elif not same_default(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value,
-                              real):
+        elif not same_default(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
+                              else value, real):
             wrong.append(f"line {n}: [{table}] {key} = {value!r}, agent/config/__init__.py {real!r}")
     assert {"[mqtt] max_batch", "[commands] window_s", "[store] max_mb"} <= set(checked), checked
     assert not wrong, "config/agent.example.toml shows defaults that are not:\n" + "\n".join(wrong)
@@ -623,7 +626,8 @@ def refusals_in_code() -> tuple[dict[str, list[str]], list[str]]:
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         for node in ast.walk(tree):
             texts: list[ast.expr] = []
-            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "CommandError":
+            if (isinstance(node, ast.Call)
+                    and getattr(node.func, "id", getattr(node.func, "attr", None)) == "CommandError"):
                 texts = node.args[:1]
             elif isinstance(node, ast.Dict) and path.name == "commands.py":
                 texts = [v for k, v in zip(node.keys, node.values)
@@ -632,7 +636,8 @@ def refusals_in_code() -> tuple[dict[str, list[str]], list[str]]:
                 where = f"{path.relative_to(REPO)}:{text.lineno}"
                 parts = literal_parts(text)
                 if parts is None:
-                    problems.append(f"{where}: an error reply that is not a literal (cannot be checked): {ast.unparse(text)}")
+                    problems.append(f"{where}: an error reply that is not a literal (cannot be checked): "
+                                    f"{ast.unparse(text)}")
                 else:
                     found[where] = parts
     return found, problems
@@ -733,8 +738,8 @@ class Operator:
 
     def __init__(self, port: int, key: bytes):
         self.key = key
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"op-{uuid.uuid4().hex[:6]}",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  client_id=f"op-{uuid.uuid4().hex[:6]}", protocol=MQTTProtocolVersion.MQTTv5)
         self.client.connect("127.0.0.1", port, keepalive=5)
         self.client.loop_start()
 

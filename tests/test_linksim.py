@@ -16,8 +16,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from linksim import LinkSim
 from agent.demo.broker import Mosquitto, mosquitto_binary
+from linksim import LinkSim
 
 
 class EchoServer:

@@ -10,9 +10,6 @@ import pytest
 from support import REPO
 
 PATHS = ("agent", "drivers", "tests", "bench")
-CLEAN = ("agent/tools", "agent/cli", "agent/daemon/systemd.py", "agent/pipeline/reporting.py",
-         "tests/agent/tools/test_watch.py", "tests/agent/cli/test_cli_imports.py", "tests/test_lint.py")
-"""Already clean, and kept so while the rest is (issue 13): this list grows until it is PATHS."""
 
 
 def ruff(*paths: str) -> subprocess.CompletedProcess[str]:
@@ -23,13 +20,6 @@ def ruff(*paths: str) -> subprocess.CompletedProcess[str]:
     return r
 
 
-def test_ruff_finds_nothing_in_what_is_clean() -> None:
-    r = ruff(*CLEAN)
-    assert r.returncode == 0, f"ruff check {' '.join(CLEAN)}:\n{r.stdout}{r.stderr}"
-
-
-@pytest.mark.xfail(strict=False, reason="issue 13: the modules being restructured in parallel are linted at the "
-                                        "merge; then this is strict and CLEAN goes")
 def test_ruff_finds_nothing() -> None:
     r = ruff(*PATHS)
     assert r.returncode == 0, f"ruff check {' '.join(PATHS)}:\n{r.stdout}{r.stderr}"

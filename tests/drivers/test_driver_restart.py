@@ -57,7 +57,8 @@ class CrashingReplay(NmeaGps):
 @pytest.fixture
 def flaky_seal(monkeypatch: pytest.MonkeyPatch) -> type[FlakySeal]:
     FlakySeal.starts = []
-    monkeypatch.setitem(drivers.REGISTRY["seal"], "sim", drivers.REGISTRY["seal"]["sim"]._replace(driver=f"{__name__}:FlakySeal"))
+    monkeypatch.setitem(drivers.REGISTRY["seal"], "sim",
+                        drivers.REGISTRY["seal"]["sim"]._replace(driver=f"{__name__}:FlakySeal"))
     return FlakySeal
 
 
@@ -69,7 +70,8 @@ def _health_bodies(db: Path) -> list[dict[str, Any]]:
         conn.close()
 
 
-def test_a_crashing_live_driver_is_restarted_with_backoff_and_counted(tmp_path: Path, flaky_seal: type[FlakySeal]) -> None:
+def test_a_crashing_live_driver_is_restarted_with_backoff_and_counted(tmp_path: Path,
+                                                                      flaky_seal: type[FlakySeal]) -> None:
     cfg = load(agent_config(tmp_path, free_port(), time={"trust_system_clock": "always"}, health={"interval_s": 0.5},
                             seals=[{"name": "door", "driver": "sim"}]))
     agent = Agent(cfg)
@@ -125,7 +127,8 @@ def _run_with_crashing_replay(tmp_path: Path, *args: str, port: int) -> subproce
         import sys
         sys.path[:0] = [{str(HERE)!r}, {str(HERE.parent)!r}]  # this module, and tests/ for support
         import drivers
-        drivers.register("gps", "nmea", config="drivers.gps.config:GpsConfig", driver="test_driver_restart:CrashingReplay")
+        drivers.register("gps", "nmea", config="drivers.gps.config:GpsConfig",
+                         driver="test_driver_restart:CrashingReplay")
         from agent.cli import main
         sys.exit(main(["run", "--config", {str(cfg)!r}, *{list(args)!r}]))
     """)

@@ -180,7 +180,8 @@ def test_files_modes_and_owners(deb: Path, python_version: str) -> None:
 
     tar = data_tar(deb)
     assert read(tar, "/etc/lorry-agent/agent.toml") == (REPO / "config" / "agent.example.toml").read_bytes()
-    assert read(tar, "/lib/systemd/system/lorry-agent.service") == (REPO / "systemd" / "lorry-agent.service").read_bytes()
+    assert read(tar, "/lib/systemd/system/lorry-agent.service") == \
+        (REPO / "systemd" / "lorry-agent.service").read_bytes()
     assert read(tar, f"{release}/bin/lorry-agent").startswith(f"#!{release}/bin/python\n".encode())
     cfg = read(tar, f"{release}/pyvenv.cfg").decode()
     assert "home = /usr/bin\n" in cfg and f"-m venv {release}\n" in cfg, cfg
@@ -463,9 +464,10 @@ def test_install_upgrade_remove_purge_in_a_bookworm_chroot(deb: Path, chroot: Ch
 
     # A store where the service keeps it: the demo trip recorded for real with no broker to take
     # it (connection refused), stopped by SIGTERM as systemd stops it
-    (demo / "store.toml").write_text((REPO / "agent/demo/data/demo.toml").read_text()
-                                     .replace('path = "demo-state/buffer.db"', 'path = "/var/lib/lorry-agent/buffer.db"')
-                                     .replace("port = 1883", "port = 1"))
+    (demo / "store.toml").write_text(
+        (REPO / "agent/demo/data/demo.toml").read_text()
+        .replace('path = "demo-state/buffer.db"', 'path = "/var/lib/lorry-agent/buffer.db"')
+        .replace("port = 1883", "port = 1"))
     r = c.as_agent("timeout", "-s", "TERM", "10", "lorry-agent", "run", "--config", "/tmp/demo/store.toml", check=False)
     assert r.returncode == 124, r  # ran until stopped
     store = c.path("/var/lib/lorry-agent/buffer.db")

@@ -53,7 +53,8 @@ def trips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, lis
     """Generated 1 Hz trips, written once for the module."""
     folder = tmp_path_factory.mktemp("trips")
     out = {}
-    for name, seconds in (("3min", 180), ("10min", 600), ("12min", 720), ("45min", 2700), ("20s", 20), ("6h", 6 * 3600)):
+    for name, seconds in (("3min", 180), ("10min", 600), ("12min", 720), ("45min", 2700), ("20s", 20),
+                          ("6h", 6 * 3600)):
         path = folder / f"trip-{name}.nmea"
         out[name] = (path, trip.write(path, interval_s=1, max_hours=seconds / 3600))
     return out
@@ -223,7 +224,8 @@ def test_power_cuts_at_random_moments_lose_nothing(tmp_path: Path, broker: Mosqu
                 broker.start() if i % 2 == 0 else broker.stop()
             agent = AgentProcess(cfg)
             time.sleep(rng.uniform(0.1, 1.0))
-            assert agent.proc.poll() is None, f"cycle {i}: the agent died on its own (seed {SEED}):\n{agent.log()[-3000:]}"
+            assert agent.proc.poll() is None, \
+                f"cycle {i}: the agent died on its own (seed {SEED}):\n{agent.log()[-3000:]}"
             agent.kill()
             started_before_kill += "running as" in agent.log()
             agent.log_path.unlink()
@@ -407,7 +409,8 @@ def _mount_tmpfs(where: Path, size: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs for the store needs root (CI runs as root)")
     where.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): no full disk to test")
 
@@ -435,7 +438,8 @@ def disk_full_run(tmp_path_factory: pytest.TempPathFactory, trips) -> dict[str, 
         filler = state / "filler"
         filler.write_bytes(b"\0" * 1200 * 1024)
         capture, truth = trips["45min"]
-        sections = cargo(tmp, seal_every_s=150, seal_events=17, seal_from_s=30, swing_s=300, swings=10, temp_interval_s=30)
+        sections = cargo(tmp, seal_every_s=150, seal_events=17, seal_from_s=30, swing_s=300, swings=10,
+                         temp_interval_s=30)
         cfg = agent_config(tmp, broker.port, gps={"replay": str(capture), "replay_speed": 200},
                            health={"interval_s": 1}, **sections)
         out.update(cfg=cfg, truth=truth, sections=sections, db=state / "buffer.db")
@@ -448,9 +452,11 @@ def disk_full_run(tmp_path_factory: pytest.TempPathFactory, trips) -> dict[str, 
             while time.monotonic() - t_full < 8:
                 st = status(cfg)
                 snapshots.append({"t": round(time.monotonic() - t_full, 1), "alive": agent.proc.poll() is None,
-                                  "store": st["store_health"], "depth": {s: b["depth"] for s, b in st["buffer"].items()},
+                                  "store": st["store_health"],
+                                  "depth": {s: b["depth"] for s, b in st["buffer"].items()},
                                   "seals_on_disk": db_query(state / "buffer.db",
-                                                            "SELECT COUNT(*) FROM readings WHERE stream = 'seal'")[0][0],
+                                                            "SELECT COUNT(*) FROM readings "
+                                                            "WHERE stream = 'seal'")[0][0],
                                   "seals_emitted": agent.log().count("seal container_door (sim):")})
                 time.sleep(1)
             out["snapshots"] = snapshots
@@ -564,7 +570,8 @@ def test_damaged_store_is_moved_aside_and_the_agent_carries_on(tmp_path: Path, b
         wait_until(lambda: any(a["kind"] == "store_damaged" for a in backend.readings("alarm")), 20,
                    "the store_damaged alarm at the backend")
         alarm_s = time.monotonic() - t0
-        aside = sorted(p for p in db.parent.iterdir() if ".corrupt-" in p.name and not p.name.endswith(("-wal", "-shm")))
+        aside = sorted(p for p in db.parent.iterdir()
+                       if ".corrupt-" in p.name and not p.name.endswith(("-wal", "-shm")))
         assert len(aside) == 1, aside
         damaged = [a for a in backend.readings("alarm") if a["kind"] == "store_damaged"]
         assert len(damaged) == 1 and damaged[0]["severity"] == "critical" and damaged[0]["state"] == "raised"

@@ -38,12 +38,12 @@ from typing import Any
 
 import psutil
 import pytest
+from test_faults import START, cargo, check_delivery, dedup, last_seqs, log_result, scripted_seal_times, status
 
 import canlog as cl
 from agent.demo import trip
 from agent.demo.broker import Mosquitto
 from support import AgentProcess, Backend, agent_config, store_depth, wait_until
-from test_faults import START, cargo, check_delivery, dedup, last_seqs, log_result, scripted_seal_times, status
 
 pytestmark = pytest.mark.slow
 
@@ -219,10 +219,10 @@ def test_wall_clock_jumping_by_days_moves_no_reading_time(tmp_path: Path, broker
                 t_jump = time.monotonic()
                 # The agent carries on at once: positions keep being numbered, and delivered.
                 before, delivered = numbered(db), len(backend.readings("position"))
-                wait_until(lambda: numbered(db) >= before + 10, 5,
+                wait_until(lambda before=before: numbered(db) >= before + 10, 5,
                            f"positions numbered after the jump to {spec}")
                 if not outage:
-                    wait_until(lambda: len(backend.readings("position")) >= delivered + 10, 5,
+                    wait_until(lambda delivered=delivered: len(backend.readings("position")) >= delivered + 10, 5,
                                f"positions delivered after the jump to {spec}")
                 while time.monotonic() - t_jump < JUMP_EVERY_S:
                     assert agent.proc.poll() is None, f"the agent died after the jump to {spec}:\n{agent.log()[-4000:]}"

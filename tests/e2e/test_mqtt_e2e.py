@@ -31,7 +31,8 @@ def assert_matches_truth(reading: dict, truth: trip.TruthFix) -> None:
     assert reading["fix"] == "gps"
 
 
-def test_every_fix_arrives_exactly_once_with_correct_values(tmp_path: Path, broker: Mosquitto, backend: Backend) -> None:
+def test_every_fix_arrives_exactly_once_with_correct_values(tmp_path: Path, broker: Mosquitto,
+                                                            backend: Backend) -> None:
     capture, truth = make_trip(tmp_path)
     cfg = agent_config(tmp_path, broker.port, gps={"replay": str(capture), "replay_speed": 0})
     with AgentProcess(cfg, "--until-drained") as agent:
@@ -85,7 +86,8 @@ def test_broker_outage_loses_nothing(tmp_path: Path, broker: Mosquitto, backend:
         wait_until(lambda: len(backend.readings()) > 500, 20, "first readings")
         broker.stop()
         depth = store_depth(tmp_path / "state" / "buffer.db")
-        wait_until(lambda: store_depth(tmp_path / "state" / "buffer.db") > depth + 300, 20, "buffer filling while offline")
+        wait_until(lambda: store_depth(tmp_path / "state" / "buffer.db") > depth + 300, 20,
+                   "buffer filling while offline")
         broker.start()
         assert agent.wait(60) == 0, agent.log()
     wait_until(lambda: {r["seq"] for r in backend.readings()} >= set(range(1, len(truth) + 1)), 15, "everything")
@@ -98,7 +100,8 @@ def test_broker_outage_loses_nothing(tmp_path: Path, broker: Mosquitto, backend:
         assert_matches_truth(by_seq[seq], t)
 
 
-def test_sigkill_while_buffering_and_draining_loses_nothing(tmp_path: Path, broker: Mosquitto, backend: Backend) -> None:
+def test_sigkill_while_buffering_and_draining_loses_nothing(tmp_path: Path, broker: Mosquitto,
+                                                            backend: Backend) -> None:
     capture, truth = make_trip(tmp_path, minutes=60, interval=1)
     db = tmp_path / "state" / "buffer.db"
     broker.stop()

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import config
-from agent.daemon.logs import RateLimit
 from agent.daemon.dropin import dropin
+from agent.daemon.logs import RateLimit
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "lorry-agent.service"
@@ -74,7 +74,8 @@ def test_device_dropin_allows_only_configured_devices(tmp_path: Path) -> None:
     text = dropin(cfg)
     allowed = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("DeviceAllow=")]
     assert allowed == ["", "char-ttyUSB rw", "char-ttyACM rw", "/dev/ttyAMA2 rw", "char-gpiochip rw"]
-    r = subprocess.run([systemd_analyze(), "verify", str(unit_here(tmp_path, "\n" + text))], capture_output=True, text=True)
+    r = subprocess.run([systemd_analyze(), "verify", str(unit_here(tmp_path, "\n" + text))],
+                       capture_output=True, text=True)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr
 
 
@@ -82,14 +83,16 @@ def test_repeated_log_messages_are_bounded() -> None:
     now = [0.0]
     limit = RateLimit(burst=5, window_s=60, clock=lambda: now[0])
     passed = []
-    for i in range(10_000):
-        rec = logging.LogRecord("agent.uplink.mqtt", logging.WARNING, __file__, 1, "MQTT: cannot connect to %s", ("b",), None)
+    for _ in range(10_000):
+        rec = logging.LogRecord("agent.uplink.mqtt", logging.WARNING, __file__, 1, "MQTT: cannot connect to %s",
+                                ("b",), None)
         if limit.filter(rec):
             passed.append(rec.getMessage())
         now[0] += 0.1  # a message every 100 ms for ~17 minutes
     assert len(passed) <= 5 * (1000 // 60 + 2)
     assert any("more like it" in p for p in passed), "suppression is said, not silent"
-    other = logging.LogRecord("agent.store.buffer", logging.ERROR, __file__, 1, "store commit failed (%s)", ("x",), None)
+    other = logging.LogRecord("agent.store.buffer", logging.ERROR, __file__, 1, "store commit failed (%s)",
+                              ("x",), None)
     assert limit.filter(other), "a different message is not held back by the first"
 
 

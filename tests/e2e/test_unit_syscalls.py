@@ -35,14 +35,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.model import ntpsync as clock
-from agent.uplink.commands import sign_command
+import certs
 from agent.demo import trip
 from agent.demo.broker import BrokerTls, Mosquitto, mosquitto_binary
+from agent.model import ntpsync as clock
 from agent.model.reading import iso_ms
+from agent.uplink.commands import sign_command
 from support import Backend, wait_until, write_config
-
-import certs
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "lorry-agent.service"
@@ -94,7 +93,8 @@ def unit_settings(text: str, section: str = "Service") -> dict[str, list[str]]:
 
 def syscall_groups() -> dict[str, list[str]]:
     """``systemd-analyze syscall-filter``: each @group and its entries (system calls and @groups)."""
-    r = subprocess.run([tool("systemd-analyze"), "syscall-filter", "--no-pager"], capture_output=True, text=True, check=True)
+    r = subprocess.run([tool("systemd-analyze"), "syscall-filter", "--no-pager"],
+                       capture_output=True, text=True, check=True)
     groups: dict[str, list[str]] = {}
     current: list[str] | None = None
     for line in r.stdout.splitlines():
@@ -226,7 +226,7 @@ def read_trace(path: Path, box: Sandbox) -> Trace:
         t.calls[name] += 1
         t.example.setdefault(name, line[:200])
 
-        def fault(what: str) -> None:
+        def fault(what: str, line: str = line) -> None:
             t.argument_faults.setdefault(what, line[:200])
 
         if name in ("socket", "socketpair") and box.families is not None:
@@ -241,9 +241,11 @@ def read_trace(path: Path, box: Sandbox) -> Trace:
                 fault(f"{name}(PROT_EXEC): MemoryDenyWriteExecute=yes")
             if name == "shmat" and "SHM_EXEC" in args:
                 fault("shmat(SHM_EXEC): MemoryDenyWriteExecute=yes")
-        if box.enabled("RestrictNamespaces") and name in ("clone", "clone3", "unshare", "setns") and "CLONE_NEW" in args:
+        if (box.enabled("RestrictNamespaces") and name in ("clone", "clone3", "unshare", "setns")
+                and "CLONE_NEW" in args):
             fault(f"{name}(CLONE_NEW…): RestrictNamespaces=yes")
-        if box.enabled("LockPersonality") and name == "personality" and not args.startswith(("0xffffffff", "PER_LINUX)")):
+        if (box.enabled("LockPersonality") and name == "personality"
+                and not args.startswith(("0xffffffff", "PER_LINUX)"))):
             fault("personality(change): LockPersonality=yes")
         if box.enabled("RestrictRealtime") and name in ("sched_setscheduler", "sched_setattr") and re.search(
                 r"SCHED_(FIFO|RR|DEADLINE)", args):
@@ -380,8 +382,9 @@ def start_system_bus(folder: Path) -> SystemBus | None:
         "[D-BUS Service]\nName=org.freedesktop.timedate1\n"
         f"Exec=/usr/bin/env DBUS_SYSTEM_BUS_ADDRESS={address} {timedated}\nUser=root\n")
     text = conf.read_text()
-    for pattern in (r"<user>.*?</user>", r"<fork/>", r"<standard_system_servicedirs/>", r"<servicehelper>.*?</servicehelper>",
-                    r"<pidfile>.*?</pidfile>", r"<syslog/>", r"<include[^>]*>[^<]*</include>"):
+    for pattern in (r"<user>.*?</user>", r"<fork/>", r"<standard_system_servicedirs/>",
+                    r"<servicehelper>.*?</servicehelper>", r"<pidfile>.*?</pidfile>", r"<syslog/>",
+                    r"<include[^>]*>[^<]*</include>"):
         text = re.sub(pattern, "", text, flags=re.S)
     text = re.sub(r"<listen>.*?</listen>", f"<listen>{address}</listen><servicedir>{services}</servicedir>", text)
     text = text.replace("<includedir>system.d</includedir>", f"<includedir>{conf.parent / 'system.d'}</includedir>")
@@ -510,7 +513,8 @@ VARIANT_TRUE = b"\x01b\x00\x00\x01\x00\x00\x00"
 @pytest.mark.parametrize(("reply", "expected"), [
     (dbus_reply(1, "s", b"\x04\x00\x00\x00:1.9\x00") + dbus_reply(2, "v", VARIANT_TRUE), True),
     (dbus_reply(2, "v", b"\x01b\x00\x00\x00\x00\x00\x00"), False),
-    (dbus_reply(2, "s", b"\x05\x00\x00\x00nope!\x00", msg_type=3, error="org.freedesktop.DBus.Error.AccessDenied"), False),
+    (dbus_reply(2, "s", b"\x05\x00\x00\x00nope!\x00", msg_type=3, error="org.freedesktop.DBus.Error.AccessDenied"),
+     False),
     (b"\xff" * 64, False),
     (None, False),  # silence: bounded by the timeout
 ], ids=["true", "false", "error", "garbage", "silence"])

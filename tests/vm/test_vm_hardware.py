@@ -228,7 +228,8 @@ def test_vm_socketcan_interface_down_up_deleted_and_back(can_run: dict[str, Any]
     assert_between(speeds[2][1], ev["after_up"], "engine_speed 900 after the interface came up")
     assert_between(speeds[3][1], ev["after_readd"], "engine_speed 1700 after vcan0 was re-created")
     # How long the driver took to come back, from the guest's clock:
-    recover = {k: round(ev[k]["t1"] - ev[start]["t0"], 2) for k, start in (("after_up", "up"), ("after_readd", "readded"))}
+    recover = {k: round(ev[k]["t1"] - ev[start]["t0"], 2)
+               for k, start in (("after_up", "up"), ("after_readd", "readded"))}
     print(f"\nCAN back after the interface returned, s (first frame sent → decoded): {recover}")
     assert_clean_agent(rec)
 

@@ -383,7 +383,8 @@ def test_after_the_power_cuts_nothing_is_lost_or_altered(powercut_run: dict[str,
     by, conflicts = received(backend)
     lost, announced = missing(by, final.last_seq)
     assert not conflicts, f"re-sent readings with other content (seed {SEED}): {conflicts[:10]}"
-    assert not lost, f"readings lost (seed {SEED}): " + "; ".join(f"{s}: {len(v)}, e.g. {v[:10]}" for s, v in lost.items())
+    assert not lost, f"readings lost (seed {SEED}): " + "; ".join(
+        f"{s}: {len(v)}, e.g. {v[:10]}" for s, v in lost.items())
     assert announced == 0, f"{announced} readings announced as given up: a power cut must not damage the store"
     for stream, seqs in by.items():
         assert max(seqs) <= final.last_seq.get(stream, 0), stream
@@ -411,7 +412,9 @@ def test_after_the_power_cuts_nothing_is_lost_or_altered(powercut_run: dict[str,
         f"{len(backend.readings()) - delivered} duplicates; chain verified: {report.events} events; "
         f"{r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''}")
     started = [c.agent_start_s for c in cycles if c.agent_start_s is not None]
-    log(f"TIMINGS: per cycle mean {mean(c.total_s for c in cycles):.1f} s (max {max(c.total_s for c in cycles):.1f} s); "
+    log(f"TIMINGS: per cycle mean {mean(c.total_s for c in cycles):.1f} s "
+        f"(max {max(c.total_s for c in cycles):.1f} s); "
         f"VM boot (QEMU start to init) mean {mean(c.boot_s for c in cycles):.1f} s; "
-        f"agent start-up mean {mean(started):.1f} s; check after each cut mean {mean(c.check_s for c in cycles):.2f} s; "
+        f"agent start-up mean {mean(started):.1f} s; "
+        f"check after each cut mean {mean(c.check_s for c in cycles):.2f} s; "
         f"all cycles {run['cycles_s']:.0f} s; final drain boot {run['drain_s']:.0f} s; total {run['total_s']:.0f} s")

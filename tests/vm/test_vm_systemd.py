@@ -150,8 +150,10 @@ def guest_driver() -> None:
         mark("error", error=record["error"][-2000:])
     finally:
         for name, cmd in (("journal.txt", ["journalctl", "-b", "-o", "short-monotonic", "--no-pager"]),
-                          ("agent-journal.txt", ["journalctl", "-b", "-u", unit, "-o", "short-monotonic", "--no-pager"]),
-                          ("audit.txt", ["journalctl", "-b", "_TRANSPORT=audit", "-o", "short-monotonic", "--no-pager"]),
+                          ("agent-journal.txt",
+                           ["journalctl", "-b", "-u", unit, "-o", "short-monotonic", "--no-pager"]),
+                          ("audit.txt",
+                           ["journalctl", "-b", "_TRANSPORT=audit", "-o", "short-monotonic", "--no-pager"]),
                           ("dmesg.txt", ["dmesg"]),
                           ("status.txt", ["systemctl", "status", "--no-pager", "-l", unit])):
             with open(f"{out}/{name}", "w") as f:

@@ -16,7 +16,8 @@ from support import REPO, AgentProcess, agent_config, store_depth, wait_until
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
 
 
 def test_dry_run_prints_every_message_and_exits(tmp_path: Path) -> None:

@@ -559,7 +559,8 @@ def test_any_sensor_files_give_the_value_they_hold_or_a_reason(tmp_path: Path, f
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sequence=st.lists(w1_files(), min_size=1, max_size=5))
-def test_any_sequence_of_files_never_stops_the_driver_thread(tmp_path: Path, sequence: list[dict[str, bytes] | None]) -> None:
+def test_any_sequence_of_files_never_stops_the_driver_thread(tmp_path: Path,
+                                                             sequence: list[dict[str, bytes] | None]) -> None:
     root = Path(tempfile.mkdtemp(dir=tmp_path))
     got = Collector()
     driver = ds18b20(root, got, interval_s=0.01)
@@ -571,7 +572,7 @@ def test_any_sequence_of_files_never_stops_the_driver_thread(tmp_path: Path, seq
             else:
                 sensor(root, files)
             n = len(got.readings)
-            wait_for(lambda: len(got.readings) >= n + 2, "readings every interval")
+            wait_for(lambda n=n: len(got.readings) >= n + 2, "readings every interval")
             assert running.thread.is_alive()
         sensor(root, {"w1_slave": w1_slave(4250)})
         wait_for(lambda: got.snapshot()[-1].data["c"] == 4.25, "the good reading after the bad ones")

@@ -37,7 +37,7 @@ from agent.demo.broker import free_port
 from agent.model.settings import Role
 from support import REPO
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 HEADER = "configuration error in "
 
 
@@ -163,7 +163,7 @@ def test_a_gps_replay_that_cannot_be_read_is_refused(tmp_path: Path, kind: str) 
         replay.write_bytes(replay.read_bytes()[:100])
     cfg = write(tmp_path, base(tmp_path) + f'[gps]\nreplay = "{replay.name}"\nreplay_speed = 0\n')
     [p] = problems_of(cfg)
-    assert p.startswith(f"[gps] replay: ") and str(replay) in p
+    assert p.startswith("[gps] replay: ") and str(replay) in p
     assert {"missing": "no such file", "folder": "is a folder"}.get(kind, "cannot read") in p
     # Before: a traceback in the driver thread and `--dry-run` exited 0.
     refused_by_run_too(cfg, "[gps] replay:")
@@ -172,7 +172,8 @@ def test_a_gps_replay_that_cannot_be_read_is_refused(tmp_path: Path, kind: str) 
 def test_tls_files_are_checked_for_existence_and_content(tmp_path: Path) -> None:
     cfg = write(tmp_path, base(tmp_path) + '[mqtt.tls]\nca_file = "ca.pem"\n')
     [p] = problems_of(cfg)
-    assert p == f"[mqtt.tls] ca_file: {tmp_path}/ca.pem: no such file; must be a readable file (the broker's CA certificate)"
+    assert p == (f"[mqtt.tls] ca_file: {tmp_path}/ca.pem: no such file; "
+                 "must be a readable file (the broker's CA certificate)")
     refused_by_run_too(cfg, str(tmp_path / "ca.pem"), dry_run=False)
     (tmp_path / "ca.pem").write_text("not a certificate\n")
     [p] = problems_of(cfg)
@@ -199,7 +200,8 @@ def test_a_password_file_must_be_text(tmp_path: Path) -> None:
     pw = tmp_path / "password"
     pw.write_bytes(b"\xff\xfe\x00secret\n")
     pw.chmod(0o600)
-    cfg = write(tmp_path, base(tmp_path).replace("[mqtt]\n", '[mqtt]\nusername = "lorry"\npassword_file = "password"\n'))
+    cfg = write(tmp_path,
+                base(tmp_path).replace("[mqtt]\n", '[mqtt]\nusername = "lorry"\npassword_file = "password"\n'))
     [p] = problems_of(cfg)
     assert p.startswith("[mqtt] password_file: ") and "UTF-8" in p
     pw.write_text("secret\n")
@@ -460,7 +462,8 @@ def toml_text(doc: dict[str, Any]) -> str:
 
 T0 = dt.datetime(2026, 11, 20, 22, 0, tzinfo=UTC)
 ITEMS: dict[tuple[str, str], dict[str, Any]] = {
-    ("seals", "sim"): {"name": "door", "driver": "sim", "events": [{"at": T0 + dt.timedelta(minutes=5), "event": "opened"}]},
+    ("seals", "sim"): {"name": "door", "driver": "sim",
+                       "events": [{"at": T0 + dt.timedelta(minutes=5), "event": "opened"}]},
     ("seals", "gpio"): {"name": "rear", "driver": "gpio", "line": 5},
     ("seals", "serial"): {"name": "lock", "driver": "serial", "port": "/dev/ttyUSB-lorry-agent-test"},
     ("temperature", "sim"): {"name": "reefer", "driver": "sim", "interval_s": 60,
@@ -497,7 +500,8 @@ def _key_catalog() -> list[tuple[tuple[str, ...], str, list[Any]]]:
             leaves = _leaves(field.annotation, _flatten(list(field.metadata)))
             subs = [tp for tp, _m in leaves if isinstance(tp, type) and issubclass(tp, BaseModel)]
             listed = get_origin(field.annotation) is list
-            if subs and len(where) < 3 and not (model is Config and listed) and get_origin(field.annotation) is not dict:
+            if (subs and len(where) < 3 and not (model is Config and listed)
+                    and get_origin(field.annotation) is not dict):
                 for sub in subs:
                     walk(sub, (*where, name))
             meta = next((m for tp, m in leaves if tp in (int, float)), [])
@@ -524,7 +528,8 @@ def _leaves_of(where: tuple[str, ...], key: str) -> list[tuple[Any, list[Any]]]:
         model = Config
         for part in where:
             field = model.model_fields[part]
-            model = next(tp for tp, _m in _leaves(field.annotation, []) if isinstance(tp, type) and issubclass(tp, BaseModel))
+            model = next(tp for tp, _m in _leaves(field.annotation, [])
+                         if isinstance(tp, type) and issubclass(tp, BaseModel))
     field = model.model_fields[key]
     return _leaves(field.annotation, _flatten(list(field.metadata)))
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from agent import config as config_mod
-from agent.model.clock import TimeKeeper
 from agent.demo import trip
 from agent.demo.broker import Mosquitto
-from agent.uplink.outbox import Outbox
-from agent.pipeline.pipeline import Pipeline
+from agent.model.clock import TimeKeeper
 from agent.model.reading import Reading
+from agent.pipeline.pipeline import Pipeline
 from agent.store.buffer import Store
+from agent.uplink.outbox import Outbox
 from support import AgentProcess, Backend, agent_config, wait_until
 
 DAY_NS = 86_400 * 10**9
@@ -54,7 +54,8 @@ def test_gps_time_is_used_and_the_system_clock_can_jump() -> None:
     c.wall -= 7 * DAY_NS
     c.tick(10)
     assert k.stamp().ts_ms == GPS_MS + 20_000
-    assert k.system_clock_error_s() == pytest.approx((1_700_000_000 * 10**9 + 50 * 10**9 - 4 * DAY_NS) / 1e9 - (GPS_MS + 20_000) / 1e3)
+    assert k.system_clock_error_s() == pytest.approx(
+        (1_700_000_000 * 10**9 + 50 * 10**9 - 4 * DAY_NS) / 1e9 - (GPS_MS + 20_000) / 1e3)
 
 
 @pytest.mark.parametrize(("trust", "synced", "source"), [
@@ -148,7 +149,8 @@ def test_pipeline_holds_until_gps_then_corrects(tmp_path: Path) -> None:
         s.close()
 
 
-def test_readings_before_the_first_fix_get_gps_time_end_to_end(tmp_path: Path, broker: Mosquitto, backend: Backend) -> None:
+def test_readings_before_the_first_fix_get_gps_time_end_to_end(tmp_path: Path, broker: Mosquitto,
+                                                               backend: Backend) -> None:
     """The system clock says late Nov 2026; the GPS says 20 Nov. Health readings taken before the
     first fix must carry GPS-based times once the receiver speaks."""
     master, slave = ptymod.openpty()

@@ -115,7 +115,8 @@ def test_polygon_tens_of_km_across_is_still_accurate() -> None:
     # A border region ~50 x 40 km, Pingxiang – Dong Dang – Lang Son: 500 m outside its west
     # edge, 18 km north of the projection's centre, is still 500 m within 0.2 %.
     south, north, west, east = 21.80, 22.16, 106.55, 107.03
-    z = Zone(GeofenceConfig(name="region", kind="region", polygon=[(south, west), (south, east), (north, east), (north, west)]))
+    z = Zone(GeofenceConfig(name="region", kind="region",
+                            polygon=[(south, west), (south, east), (north, east), (north, west)]))
     lat, lon = off(22.15, west, -500, 0)
     expected = haversine_m(lat, lon, lat, west)
     assert z.distance_inside_m(lat, lon) == pytest.approx(-expected, rel=2e-3)
@@ -209,7 +210,8 @@ def test_start_inside_gives_enter_events_and_start_outside_gives_none() -> None:
 
 def test_events_false_zones_are_tracked_silently() -> None:
     region = GeofenceConfig(name="Pingxiang – Lang Son border region", kind="region", events=False,
-                            seal_opening="forbidden", polygon=[(21.80, 106.55), (21.80, 107.03), (22.16, 107.03), (22.16, 106.55)])
+                            seal_opening="forbidden",
+                            polygon=[(21.80, 106.55), (21.80, 107.03), (22.16, 107.03), (22.16, 106.55)])
     depot = circle("Pingxiang bonded depot", PINGXIANG, 400, kind="depot", seal_opening="authorised", events=False)
     g = Geofences([region, yard(), depot])
     ev = g.update(T0, *PINGXIANG)
@@ -218,7 +220,8 @@ def test_events_false_zones_are_tracked_silently() -> None:
     ev = g.update(T0 + 1000, *YARD_POINT)
     assert [(e.kind, e.zone) for e in ev] == [("enter", "Youyiguan customs yard")]
     assert g.inside == ("Pingxiang – Lang Son border region", "Youyiguan customs yard")
-    assert g.update(T0 + 2000, *HANOI_DEPOT) == [ZoneEvent("exit", "Youyiguan customs yard", "customs", "authorised", T0 + 2000)]
+    assert g.update(T0 + 2000, *HANOI_DEPOT) == [
+        ZoneEvent("exit", "Youyiguan customs yard", "customs", "authorised", T0 + 2000)]
     assert g.inside == ()
 
 

@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from agent.store import retention
 from agent.model.reading import Reading
+from agent.store import retention
 from agent.store.buffer import Store
 from support import wait_until
 

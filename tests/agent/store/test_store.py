@@ -76,7 +76,8 @@ def test_ack_deletes_only_what_the_broker_has(store: Store) -> None:
     store.flush()
     rows = all_rows(store, "position")
     store.ack([rows[0].id, rows[5].id])
-    assert [r.seq for r in all_rows(store, "position")] == [2, 3, 4, 5, 7, 8, 9, 10], "acked rows are never offered again"
+    assert [r.seq for r in all_rows(store, "position")] == [2, 3, 4, 5, 7, 8, 9, 10], \
+        "acked rows are never offered again"
     store.flush()
     assert store.pending() == 8
     assert store.depth() == {"position": 8}
@@ -174,7 +175,8 @@ def test_damaged_store_is_moved_aside_and_replaced(tmp_path: Path, damage: str) 
         else:  # numbered above everything the damaged store may have handed out
             assert len(seqs) == 1 and seqs[0] > 3000, seqs
             (gap,) = s.resumed
-            assert (gap.stream, gap.first_seq, gap.last_seq, gap.reason) == ("position", 1, seqs[0] - 1, "store_damaged")
+            assert (gap.stream, gap.first_seq, gap.last_seq, gap.reason) == \
+                ("position", 1, seqs[0] - 1, "store_damaged")
         aside = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
         assert aside, "the damaged file is kept for forensics"
         assert s.damaged_files == [str(p) for p in sorted(aside) if not p.name.endswith(("-wal", "-shm"))]

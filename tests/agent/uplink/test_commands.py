@@ -15,11 +15,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.model.clock import TimeKeeper
-from agent.uplink.commands import CommandHandler, sign_command
 from agent.demo import trip
 from agent.demo.broker import Mosquitto
+from agent.model.clock import TimeKeeper
 from agent.model.reading import iso_ms
+from agent.uplink.commands import CommandHandler, sign_command
 from support import REPO, AgentProcess, Backend, agent_config, wait_until
 
 REPO_DOCS = Path(__file__).resolve().parents[3] / "docs"
@@ -35,7 +35,8 @@ def clock(now_ms: int | None = NOW) -> TimeKeeper:
 
 
 def command(cmd: str, *, ts: int = NOW, nonce: str | None = None, key: bytes = KEY, **args) -> bytes:
-    body = {"id": f"c-{cmd}-{secrets.token_hex(3)}", "cmd": cmd, "args": args, "ts": iso_ms(ts), "nonce": nonce or secrets.token_hex(8)}
+    body = {"id": f"c-{cmd}-{secrets.token_hex(3)}", "cmd": cmd, "args": args, "ts": iso_ms(ts),
+            "nonce": nonce or secrets.token_hex(8)}
     return json.dumps(sign_command(key, body)).encode()
 
 
@@ -81,7 +82,8 @@ class Operator:
     def __init__(self, port: int, device: str = "CQ-HN-0042", **auth: str):
         self.replies: list[dict] = []
         self.topic = f"lorry/{device}/cmd"
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"op-{secrets.token_hex(3)}")
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  client_id=f"op-{secrets.token_hex(3)}")
         if auth:
             self.client.username_pw_set(auth["username"], auth["password"])
         ready = threading.Event()
@@ -141,7 +143,8 @@ ACL = (REPO_DOCS / "mosquitto.acl").read_text()
 def test_broker_acl_confines_each_device_to_its_own_topics(tmp_path: Path) -> None:
     passwd = tmp_path / "passwd"
     for user in ("CQ-HN-0042", "CQ-HN-0043", "backend"):
-        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if user == "CQ-HN-0042" else []), str(passwd), user, f"{user}-pw"],
+        create = ["-c"] if user == "CQ-HN-0042" else []
+        subprocess.run(["mosquitto_passwd", "-b", *create, str(passwd), user, f"{user}-pw"],
                        check=True, capture_output=True)
     acl = tmp_path / "acl"
     acl.write_text(ACL)
@@ -275,7 +278,8 @@ def test_a_replay_after_the_record_is_lost_or_damaged_is_refused(tmp_path: Path,
     assert ran == ["ping"]
 
 
-def test_the_nonce_is_on_disk_and_fsynced_before_the_action_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_nonce_is_on_disk_and_fsynced_before_the_action_runs(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
     from agent.uplink import commands as commands_module
@@ -354,7 +358,8 @@ def send_raw(op: Operator, payload: bytes) -> dict:
     return [r for r in op.replies if r["id"] == want][-1]
 
 
-def test_a_captured_command_cannot_be_replayed_after_a_restart_or_a_power_cut(tmp_path: Path, broker: Mosquitto) -> None:
+def test_a_captured_command_cannot_be_replayed_after_a_restart_or_a_power_cut(tmp_path: Path,
+                                                                              broker: Mosquitto) -> None:
     """The real agent, restarted on the same store: cleanly (SIGTERM), after a power cut
     (SIGKILL), and after a power cut that also lost the record file or left garbage in it."""
     cfg = operator_config(tmp_path, broker.port)

@@ -14,13 +14,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
-
-from agent.model.clock import TimeKeeper
-from agent.uplink.commands import MAX_COMMAND_BYTES, CommandHandler, sign_command
-from agent.demo.broker import Mosquitto
-from agent.model.reading import iso_ms
-from support import AgentProcess, agent_config, wait_until
 from test_commands import KEY, NOW, command
+
+from agent.demo.broker import Mosquitto
+from agent.model.clock import TimeKeeper
+from agent.model.reading import iso_ms
+from agent.uplink.commands import MAX_COMMAND_BYTES, CommandHandler, sign_command
+from support import AgentProcess, agent_config, wait_until
 
 # -- what may arrive --------------------------------------------------------------------------
 
@@ -165,7 +165,8 @@ class Listener:
 
     def __init__(self, port: int) -> None:
         self.replies: list[dict[str, Any]] = []
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"op-{secrets.token_hex(3)}")
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                                  client_id=f"op-{secrets.token_hex(3)}")
         ready = threading.Event()
         self.client.on_connect = lambda c, *_: c.subscribe("lorry/CQ-HN-0042/cmd/reply", qos=1)
         self.client.on_subscribe = lambda *_: ready.set()
@@ -213,7 +214,7 @@ def test_hostile_messages_on_the_command_topic_never_drop_the_connection(tmp_pat
                        b'{"id": "c-utf", "cmd": "\\ud800"}']
             for n, payload in enumerate(hostile, 1):
                 op.send(payload)
-                wait_until(lambda: len(op.replies) >= n, 15, f"a reply to hostile message {n}")
+                wait_until(lambda n=n: len(op.replies) >= n, 15, f"a reply to hostile message {n}")
             assert all(r["ok"] is False for r in op.replies)
             for r in op.replies:
                 assert_signed_reply(r)

@@ -125,7 +125,8 @@ def assert_every_seq_once(backend: Backend, n: int, device: str = DEVICE) -> Non
 
 
 def test_mutual_tls_delivers_every_reading_exactly_once(tmp_path: Path, pki: Pki, start_broker: Any) -> None:
-    broker = start_broker("broker", tls=BrokerTls(pki.ca.cert, pki.server.cert, pki.server.key, require_certificate=True))
+    broker = start_broker("broker",
+                          tls=BrokerTls(pki.ca.cert, pki.server.cert, pki.server.key, require_certificate=True))
     backend = Backend(broker.port, tls=pki.backend_tls())
     try:
         capture, truth = make_trip(tmp_path)
@@ -148,7 +149,8 @@ def test_mutual_tls_delivers_every_reading_exactly_once(tmp_path: Path, pki: Pki
 
 
 def test_tls_refused_without_client_certificate_or_with_another_ca(tmp_path: Path, pki: Pki, start_broker: Any) -> None:
-    broker = start_broker("broker", tls=BrokerTls(pki.ca.cert, pki.server.cert, pki.server.key, require_certificate=True))
+    broker = start_broker("broker",
+                          tls=BrokerTls(pki.ca.cert, pki.server.cert, pki.server.key, require_certificate=True))
     backend = Backend(broker.port, tls=pki.backend_tls())
     capture, truth = make_trip(tmp_path)
     # Readings keep arriving for ~3.6 s: each store commit also writes the agent's status.
@@ -158,7 +160,8 @@ def test_tls_refused_without_client_certificate_or_with_another_ca(tmp_path: Pat
                            mqtt_extra={"tls": tls_section(pki.ca.cert), "client_id": "agent-no-cert"})
     # Pinned to a CA that did not sign the broker's certificate; its own client cert is fine.
     wrong_ca = agent_config(wrong_ca_dir, broker.port, gps=gps,
-                            mqtt_extra={"tls": tls_section(pki.other_ca.cert, pki.client), "client_id": "agent-wrong-ca"})
+                            mqtt_extra={"tls": tls_section(pki.other_ca.cert, pki.client),
+                                        "client_id": "agent-wrong-ca"})
     try:
         with AgentProcess(no_cert) as a1, AgentProcess(wrong_ca) as a2:
             s2 = refused_status(wrong_ca, "certificate verify failed")
@@ -169,7 +172,8 @@ def test_tls_refused_without_client_certificate_or_with_another_ca(tmp_path: Pat
                 assert s["uplink"]["connects"] == 0 and s["uplink"]["readings_acked"] == 0
             # Everything stays in the store; nothing reaches the backend.
             for d in (no_cert_dir, wrong_ca_dir):
-                wait_until(lambda d=d: store_depth(d / "state" / "buffer.db") == len(truth), 15, f"{d.name}: all buffered")
+                wait_until(lambda d=d: store_depth(d / "state" / "buffer.db") == len(truth), 15,
+                           f"{d.name}: all buffered")
             time.sleep(0.5)
             assert a1.proc.poll() is None and a2.proc.poll() is None, "the agents keep running and retrying"
             assert backend.messages == [], "nothing may arrive from a refused agent"
@@ -187,7 +191,8 @@ def test_tls_refused_without_client_certificate_or_with_another_ca(tmp_path: Pat
 
 
 def test_missing_client_certificate_is_named_in_the_status(tmp_path: Path, pki: Pki, start_broker: Any) -> None:
-    broker = start_broker("broker", tls=BrokerTls(pki.ca.cert, pki.server.cert, pki.server.key, require_certificate=True))
+    broker = start_broker("broker",
+                          tls=BrokerTls(pki.ca.cert, pki.server.cert, pki.server.key, require_certificate=True))
     capture, _truth = make_trip(tmp_path)
     cfg = agent_config(tmp_path, broker.port, gps={"replay": str(capture), "replay_speed": 100},
                        mqtt_extra={"tls": tls_section(pki.ca.cert)})
@@ -199,7 +204,8 @@ def test_missing_client_certificate_is_named_in_the_status(tmp_path: Path, pki: 
 def test_tls_hostname_is_checked_unless_explicitly_skipped(tmp_path: Path, pki: Pki, start_broker: Any) -> None:
     # Same CA, but the certificate names another host: reaching it by IP must be refused...
     other_host = pki.ca.server(tmp_path / "pki", "other-host", hosts=("broker.lorry.test",), ips=())
-    broker = start_broker("broker", tls=BrokerTls(pki.ca.cert, other_host.cert, other_host.key, require_certificate=True))
+    broker = start_broker("broker",
+                          tls=BrokerTls(pki.ca.cert, other_host.cert, other_host.key, require_certificate=True))
     capture, truth = make_trip(tmp_path)
     strict_dir, skip_dir = folder(tmp_path / "strict"), folder(tmp_path / "skip")
     strict = agent_config(strict_dir, broker.port, gps={"replay": str(capture), "replay_speed": 100},

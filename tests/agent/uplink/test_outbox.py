@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.uplink.outbox import Outbox
 from agent.model.reading import Reading
 from agent.store.buffer import Store
+from agent.uplink.outbox import Outbox
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ from support import REPO, AgentProcess, Backend, agent_config, last_seqs, store_
 DEPOT = {"name": "Chongqing depot", "kind": "depot", "seal_opening": "authorised",
          "circle": {"lat": 29.4838, "lon": 106.4460, "radius_m": 1000}}
 PROFILES = [
-    {"name": "depot-wifi", "zones": ["Chongqing depot"], "live": ["position", "ignition", "temperature", "can", "health"]},
+    {"name": "depot-wifi", "zones": ["Chongqing depot"],
+     "live": ["position", "ignition", "temperature", "can", "health"]},
     {"name": "roaming", "live": ["position"], "monthly_budget_mb": 50},
 ]
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from agent.model.chain import Chain
-from linksim import LinkSim
 from agent.demo.broker import Mosquitto
+from agent.model.chain import Chain
 from agent.model.reading import Reading
 from agent.store.buffer import Store
+from linksim import LinkSim
 from support import AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until
 
 DEVICE = "CQ-HN-0042"

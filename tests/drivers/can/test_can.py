@@ -109,7 +109,8 @@ def test_canlog_writes_candump_lines_the_reader_reads_back(truck: cl.Truck, truc
     want = [(f.ts, f.can_id, f.data, f.extended) for f in truck.frames if not f.error]
     assert ok[:100] == want[:100]
     # The VIN over BAM: TP.CM BAM (18 bytes, 3 packets, PGN 65260) then 3 TP.DT 50 ms apart.
-    vin = [f for f in truck.frames if f.can_id in (0x1CECFF00, 0x1CEBFF00) and cl.at(3_400_000) < f.ts < cl.at(3_700_000)]
+    vin = [f for f in truck.frames
+           if f.can_id in (0x1CECFF00, 0x1CEBFF00) and cl.at(3_400_000) < f.ts < cl.at(3_700_000)]
     assert [f.data.hex(" ").upper() for f in vin] == [
         "20 12 00 03 FF EC FE 00", "01 4C 5A 5A 35 43 4C 56", "02 42 38 4A 57 31 32 33", "03 34 35 36 2A FF FF FF"]
     assert [round(f.ts - vin[0].ts, 6) for f in vin] == [0, 0.05, 0.1, 0.15]
@@ -234,7 +235,8 @@ def test_sampling_only_on_change_and_per_source_address(tmp_path: Path) -> None:
     second = et1_sequence([70, 70, 70, 70, 70, 70, 70, 70, 70, 70], sa=0x01, offset_us=500_000)
     log = cl.write_log(tmp_path / "et1.log", cl.merge(engine, second))
     got, _driver = replay(log, signals={"coolant_temp": SignalConfig(min_interval_s=0, deadband=2, max_interval_s=0)})
-    sent = [(round(r.ts_ms / 1000 - cl.T0_US / 1e6, 1), v["sa"], v["value"]) for r in got.stream("can") for v in r.data["values"]]
+    sent = [(round(r.ts_ms / 1000 - cl.T0_US / 1e6, 1), v["sa"], v["value"])
+            for r in got.stream("can") for v in r.data["values"]]
     assert sent == [(0, 0, 80), (0, 1, 70), (7, 0, 85)], "max_interval 0: nothing without a change of >= deadband"
 
 
@@ -258,7 +260,8 @@ def test_values_carry_the_time_of_their_second(truck: cl.Truck, truck_replay: tu
         names = [(v["name"], v["sa"]) for v in r.data["values"]]
         if len(names) != len(set(names)):
             bad.append(f"one signal twice in the reading of {iso_ms(r.ts_ms)}: {names}")
-        if r.ts_ms < cl.ms(truck.gap[0]) and any(v["value"] == 650.0 for v in r.data["values"] if v["name"] == "engine_speed"):
+        if r.ts_ms < cl.ms(truck.gap[0]) and any(v["value"] == 650.0 for v in r.data["values"]
+                                                 if v["name"] == "engine_speed"):
             bad.append(f"the idle speed after the gap (55 s on) is in the reading of {iso_ms(r.ts_ms)}")
     log = cl.write_log(tmp_path / "et1.log", et1_sequence([60, 70, 80]))
     three, _driver = replay(log, min_interval_s=0)
@@ -343,7 +346,8 @@ def test_dbc_decodes_and_overrides_the_builtin_table(demo_dbc: Path, tmp_path: P
         cl.Frame(cl.at(1_001_000), cl.j1939_id(6, cl.CCVS1, cl.ENGINE), cl.ccvs1_data(cl.ERR)),  # 0xFE00: error
         cl.Frame(cl.at(2_000_000), can_id, bytes.fromhex("FF7D7D0016FFF0FF")),  # 704 rpm
     ]
-    got, _driver = replay(cl.write_log(tmp_path / "dbc.log", frames), dbc=[demo_dbc], min_interval_s=0, max_interval_s=0)
+    got, _driver = replay(cl.write_log(tmp_path / "dbc.log", frames), dbc=[demo_dbc], min_interval_s=0,
+                          max_interval_s=0)
     values = [(round(r.ts_ms / 1000 - cl.T0_US / 1e6), v["name"], v["spn"], v["value"], v["unit"], v["sa"])
               for r in got.stream("can") for v in r.data["values"]]
     assert values == [
@@ -356,7 +360,8 @@ def test_dbc_decodes_and_overrides_the_builtin_table(demo_dbc: Path, tmp_path: P
 
 def test_dbc_signal_can_be_disabled(demo_dbc: Path, tmp_path: Path) -> None:
     can_id, data, _rpm = worked_example()
-    frames = [cl.Frame(cl.at(0), can_id, data), cl.Frame(cl.at(1_000), cl.j1939_id(6, cl.CCVS1, 0), cl.ccvs1_data(80.5))]
+    frames = [cl.Frame(cl.at(0), can_id, data),
+              cl.Frame(cl.at(1_000), cl.j1939_id(6, cl.CCVS1, 0), cl.ccvs1_data(80.5))]
     got, _driver = replay(cl.write_log(tmp_path / "dbc.log", frames), dbc=[demo_dbc], min_interval_s=0,
                           signals={"EngineSpeed": SignalConfig(enabled=False)})
     assert [v["name"] for v in got.values()] == ["WheelBasedVehicleSpeed"]

@@ -133,18 +133,23 @@ def test_compressed_and_utf16_captures_are_read(tmp_path: Path) -> None:
     ("  can0  18FEF100  [64]  " + " ".join(["CD"] * 64), (0x18FEF100, True, False, False, 64, b"\xcd" * 64, True)),
     ("  can0  18FEF100  [08]  " + " ".join(["01"] * 8), (0x18FEF100, True, False, False, 8, b"\x01" * 8, True)),
     ("(1700000000.1) can0 20000040#0000000000000000", (0x40, False, True, False, 8, bytes(8), False)),
-    ("  can0  20000004   [8]  00 04 00 00 00 00 00 00   ERRORFRAME", (0x04, False, True, False, 8, b"\0\4" + bytes(6), False)),
-    ("  can0  RX - -  0CF00400   [8]  FF 7D 7D E0 15 FF F0 FF", (0x0CF00400, True, False, False, 8, bytes.fromhex("FF7D7DE015FFF0FF"), False)),
+    ("  can0  20000004   [8]  00 04 00 00 00 00 00 00   ERRORFRAME",
+     (0x04, False, True, False, 8, b"\0\4" + bytes(6), False)),
+    ("  can0  RX - -  0CF00400   [8]  FF 7D 7D E0 15 FF F0 FF",
+     (0x0CF00400, True, False, False, 8, bytes.fromhex("FF7D7DE015FFF0FF"), False)),
     ("  can0  123   [4]  31 32 33 34   '1234'", (0x123, False, False, False, 4, b"1234", False)),
-    ("     7\t (000.020000)  vcan0  7DF   [8]  02 01 0C 00 00 00 00 00", (0x7DF, False, False, False, 8, bytes.fromhex("02010C0000000000"), False)),
-    ("12: (1700000000.1) can0 0CF00400#1122334455667788_9", (0x0CF00400, True, False, False, 8, bytes.fromhex("1122334455667788"), False)),
+    ("     7\t (000.020000)  vcan0  7DF   [8]  02 01 0C 00 00 00 00 00",
+     (0x7DF, False, False, False, 8, bytes.fromhex("02010C0000000000"), False)),
+    ("12: (1700000000.1) can0 0CF00400#1122334455667788_9",
+     (0x0CF00400, True, False, False, 8, bytes.fromhex("1122334455667788"), False)),
     ("\t(1700000000.1) slcan0 0CF00400#\r\n", (0x0CF00400, True, False, False, 0, b"", False)),
 ])
 def test_special_frames(line: str, want: tuple) -> None:
     got = candump.Parser().parse(line)
     assert got is not None, line
     m = got.msg
-    assert (m.arbitration_id, m.is_extended_id, m.is_error_frame, m.is_remote_frame, m.dlc, bytes(m.data), m.is_fd) == want
+    assert (m.arbitration_id, m.is_extended_id, m.is_error_frame, m.is_remote_frame, m.dlc, bytes(m.data),
+            m.is_fd) == want
 
 
 @pytest.mark.parametrize("line,reason", [
@@ -183,7 +188,8 @@ def test_driver_decodes_every_form_like_the_log(tmp_path: Path, form: str) -> No
     want, ref = replay(cl.write_log(tmp_path / "ref.log", SHORT), **sampling)
     got, driver = replay(write_form(tmp_path, form, SHORT, "capture.txt"), **sampling)
     st = driver.status()
-    for k in ("frames", "non_j1939_frames", "error_frames", "bus_off", "unknown_frames", "vin", "active_dtcs", "transport"):
+    for k in ("frames", "non_j1939_frames", "error_frames", "bus_off", "unknown_frames", "vin", "active_dtcs",
+              "transport"):
         assert st[k] == ref.status()[k], k
     assert st["bad_timestamp"] == 0 and st["skipped_lines"] == {}
     if form == "none":  # timed as read: everything is "now", so a sampler sends less
@@ -202,7 +208,8 @@ def test_driver_decodes_every_form_like_the_log(tmp_path: Path, form: str) -> No
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
 
 
 def can_config(tmp_path: Path, capture: Path, **extra: Any) -> Path:
@@ -237,7 +244,8 @@ def test_dry_run_and_check_config_for_every_form(tmp_path: Path, form: str) -> N
     if form in ABSOLUTE:
         assert all(s.startswith("2023-11-14T22:13:") for s in stamps), stamps[:3]
     else:
-        lo, hi = time.strftime("%Y-%m-%dT%H:%M", time.gmtime(before - 60)), time.strftime("%Y-%m-%dT%H:%M:%S.999Z", time.gmtime(after))
+        lo = time.strftime("%Y-%m-%dT%H:%M", time.gmtime(before - 60))
+        hi = time.strftime("%Y-%m-%dT%H:%M:%S.999Z", time.gmtime(after))
         assert all(lo <= s <= hi for s in stamps), ("dated by the agent's clock", stamps[:3])
 
 
@@ -296,7 +304,8 @@ def test_refusal_says_which_forms_are_accepted(tmp_path: Path) -> None:
 
 def assert_valid(m: Any) -> None:
     """What a CAN frame can be: 11- or 29-bit id, classic 0-8 bytes, FD up to 64, remote empty."""
-    assert isinstance(m.arbitration_id, int) and 0 <= m.arbitration_id <= (0x1FFFFFFF if m.is_extended_id or m.is_error_frame else 0x7FF)
+    assert isinstance(m.arbitration_id, int) and \
+        0 <= m.arbitration_id <= (0x1FFFFFFF if m.is_extended_id or m.is_error_frame else 0x7FF)
     assert not (m.is_error_frame and m.is_extended_id)
     assert len(m.data) in candump.FD_LENGTHS and (m.is_fd or len(m.data) <= 8)
     assert 0 <= m.dlc <= (64 if m.is_fd else 8)
@@ -304,16 +313,21 @@ def assert_valid(m: Any) -> None:
     assert isinstance(m.timestamp, float)
 
 
-GOOD = [cl.log_line(f) for f in SHORT[:40]] + [cl.screen_line(f, s) for f, s in zip(SHORT[:40], cl.screen_stamps(SHORT[:40], "tz"))]
+GOOD = ([cl.log_line(f) for f in SHORT[:40]]
+        + [cl.screen_line(f, s) for f, s in zip(SHORT[:40], cl.screen_stamps(SHORT[:40], "tz"))])
 text_lines = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=120)
-frame_like = st.builds(lambda a, b, c: f"{a} {b} {c}", st.sampled_from(["(1.5)", "(1e20)", "(nan)", "(-5)", "", "12", "(x)"]),
-                       st.sampled_from(["can0", "", "#", "[8]"]), st.text(alphabet="0123456789ABCDEFabcdefRr#_.[] x", max_size=40))
+frame_like = st.builds(lambda a, b, c: f"{a} {b} {c}",
+                       st.sampled_from(["(1.5)", "(1e20)", "(nan)", "(-5)", "", "12", "(x)"]),
+                       st.sampled_from(["can0", "", "#", "[8]"]),
+                       st.text(alphabet="0123456789ABCDEFabcdefRr#_.[] x", max_size=40))
 
 
 def mutate(line: str, edits: list[tuple[int, int, str]]) -> str:
     for op, pos, ch in edits:
         pos = pos % (len(line) + 1)
-        line = line[:pos] + ch + line[pos + 1:] if op == 0 else line[:pos] + ch + line[pos:] if op == 1 else line[:pos] + line[pos + 1:]
+        line = (line[:pos] + ch + line[pos + 1:] if op == 0  # replace
+                else line[:pos] + ch + line[pos:] if op == 1  # insert
+                else line[:pos] + line[pos + 1:])  # delete
     return line
 
 
@@ -333,8 +347,9 @@ def test_no_line_makes_the_parser_raise_or_yield_an_impossible_frame(line: str) 
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.sampled_from(GOOD), st.lists(st.tuples(st.integers(0, 2), st.integers(0, 200), st.characters(max_codepoint=0x7F)),
-                                       min_size=1, max_size=6))
+@given(st.sampled_from(GOOD),
+       st.lists(st.tuples(st.integers(0, 2), st.integers(0, 200), st.characters(max_codepoint=0x7F)),
+                min_size=1, max_size=6))
 def test_mutated_frames_never_raise_and_are_never_impossible(line: str, edits: list[tuple[int, int, str]]) -> None:
     got = candump.Parser().parse(mutate(line, edits))
     if got is not None:
@@ -342,10 +357,13 @@ def test_mutated_frames_never_raise_and_are_never_impossible(line: str, edits: l
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.booleans(), st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
-                                                  max_size=80)), max_size=30),
+@given(st.lists(st.tuples(st.booleans(),
+                          st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+                                  max_size=80)),
+                max_size=30),
        st.sampled_from(["l", "ta", "tz"]))
-def test_a_good_frame_next_to_a_bad_line_is_never_lost(tmp_path: Path, noise: list[tuple[bool, str]], form: str) -> None:
+def test_a_good_frame_next_to_a_bad_line_is_never_lost(tmp_path: Path, noise: list[tuple[bool, str]],
+                                                       form: str) -> None:
     frames = SHORT[:20]
     good = [cl.log_line(f) for f in frames] if form == "l" else \
         [cl.screen_line(f, s) for f, s in zip(frames, cl.screen_stamps(frames, form))]

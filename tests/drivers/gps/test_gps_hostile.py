@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.model import ranges
-from agent.demo.trip import sentence
 from agent.demo.broker import Mosquitto
+from agent.demo.trip import sentence
+from agent.model import ranges
 from drivers.gps.gnsstime import ERA_MS, RELEASE_MS, GnssTimeJudge
 from drivers.gps.nmea import Fix, NmeaAssembler
 from support import REPO, AgentProcess, Backend, agent_config, wait_until, write_config

@@ -109,7 +109,7 @@ def stop_gpsfake(proc: subprocess.Popen[bytes], port: int) -> None:
     gone(proc, 3)
     # gpsd leaves its SysV shared-memory export behind; gpsfake keys it by port.
     if shutil.which("ipcrm"):
-        subprocess.run(["ipcrm", "-M", "0x4770%04X" % port], capture_output=True)
+        subprocess.run(["ipcrm", "-M", f"0x4770{port:04X}"], capture_output=True)
 
 
 def children(pid: int) -> list[int]:
@@ -227,7 +227,7 @@ T0 = 1_795_000_000_000  # 2026-11-18T…Z, whole seconds
 
 
 def iso(ts_ms: int) -> str:
-    return dt.datetime.fromtimestamp(ts_ms / 1000, dt.timezone.utc).strftime(
+    return dt.datetime.fromtimestamp(ts_ms / 1000, dt.UTC).strftime(
         "%Y-%m-%dT%H:%M:%S.%f"
     )[:-3] + "Z"
 

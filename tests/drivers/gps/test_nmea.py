@@ -255,7 +255,7 @@ def test_bad_checksum_on_one_sentence_leaves_the_other() -> None:
     [
         pytest.param(bytes(range(256)), id="all-bytes"),
         pytest.param(b"\x8f\x02\x11\xa0\xb5\x62\x01\x07\x5c\x00" * 5, id="binary-ubx-like"),
-        pytest.param("$GPRMC,123519.00,A,4807.03°,N,01131.000,E*00".encode("utf-8"), id="non-ascii-bytes"),
+        pytest.param("$GPRMC,123519.00,A,4807.03°,N,01131.000,E*00".encode(), id="non-ascii-bytes"),
         pytest.param("$GPRMC,12351ü,A*41", id="non-ascii-text"),
         pytest.param("$GPRMC,123519.00,A,4807.0380,N,011", id="truncated-no-checksum"),
         pytest.param(b"$GPRMC,123519.00,A,4807.0380,N,01131.0000,E,022.4\r\n", id="truncated-bytes"),
