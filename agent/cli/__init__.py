@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser(_command_in(argv)).parse_args(argv)
-    return args.func(args)
+    rc: int = args.func(args)
+    return rc
 
 
 class Command(NamedTuple):

@@ -28,8 +28,8 @@ def collect(store_path: Path) -> dict[str, Any]:
         state = dict(conn.execute("SELECT key, value FROM state").fetchall())
     finally:
         conn.close()
-    agent = json.loads(state.get("status", "null")) or {}
-    updated = agent.get("updated")
+    agent: dict[str, Any] = json.loads(state.get("status", "null")) or {}
+    updated: Any = agent.get("updated")  # the status's wall time (a float), if any
     return {
         "store": str(store_path),
         "agent_running": bool(updated) and not agent.get("stopped") and time.time() - updated < STALE_S,

@@ -39,7 +39,7 @@ from agent.compact.format import (
 from agent.model.reading import iso_ms
 
 
-def decode(payload: bytes) -> list[dict[str, Any]]:
+def decode(payload: bytes | bytearray) -> list[dict[str, Any]]:
     """The readings, in order; CompactError for anything malformed (never another exception
     type, never a bogus reading)."""
     try:

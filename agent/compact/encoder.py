@@ -15,7 +15,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
 from operator import sub
-from typing import Any
+from typing import Any, cast
 
 import cbor2
 
@@ -81,10 +81,10 @@ def _no_constant(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_no_constant)
-_scan = json.scanner.make_scanner(_DECODER)
+_scan = json.scanner.make_scanner(_DECODER)  # type: ignore[arg-type]  # typeshed: the context is a decoder
 
 
-def _parse(body: str) -> Any:
+def _parse(body: str | bytes) -> Any:
     """json.loads, with the C scanner called directly: the store's bodies have no surrounding
     blanks, and the per-call wrappers of json.loads cost as much as the parse itself."""
     if type(body) is str:
@@ -94,7 +94,8 @@ def _parse(body: str) -> Any:
             end = -1
         if end == len(body):
             return obj
-    return _DECODER.decode(body if type(body) is str else bytes(body).decode("utf-8"))
+    # `type(...) is str` leaves str subclasses in the other branch, where bytes() refuses them.
+    return _DECODER.decode(body if type(body) is str else bytes(cast(bytes, body)).decode("utf-8"))
 
 
 def _key_order(readings: list[dict[str, Any]]) -> tuple[list[str], dict[tuple[str, ...], None], dict[int, list[str]]]:
@@ -171,7 +172,7 @@ def _patched(vals: list[Any]) -> list[Any] | None:
     key, an odd type): the regular part coded as such, the rest listed by reading index.
     The smallest of those and plain; None when there is no such candidate."""
     n = len(vals)
-    candidates = []
+    candidates: list[list[Any]] = []
     by_type = Counter(map(type, vals))
     for t in (float, int, str):  # a series over the readings of that type
         m = by_type.get(t, 0)
@@ -242,7 +243,7 @@ def _times(vals: list[str]) -> list[Any] | None:
     ms = list(map(_ts_ms, vals))
     if None in ms:
         return None
-    coded = _series(ms)
+    coded = _series(cast(list[int], ms))
     return None if coded is None else [TIME, *coded]
 
 
@@ -276,7 +277,7 @@ def _ts_ms(s: str) -> int | None:
     return base + sec * 1000 + msec
 
 
-def _series(xs: list[int]) -> tuple[int, list[Any]] | None:
+def _series(xs: list[int]) -> tuple[int, list[Any] | dict[int, int]] | None:
     """(k, data) for integers: the k-th differences (k = 0, 1, 2) that encode smallest,
     trailing zeros dropped; None when a value is beyond ±SAFE."""
     if min(xs) < -SAFE or max(xs) > SAFE:
@@ -307,7 +308,7 @@ def _trim(d: list[int]) -> list[int]:
     return d
 
 
-def _pack(d: list[int], k: int) -> tuple[int, list[Any]]:
+def _pack(d: list[int], k: int) -> tuple[int, list[Any] | dict[int, int]]:
     """(bytes, data) for one candidate: the integers as they are, or the first k (the
     differences' starting values, large) as integers and the rest as one typed array, whichever
     is smaller. An array of CBOR integers costs 1 byte for -24..23, 2 up to ±256, 3 up to

@@ -60,7 +60,7 @@ class CompactError(ValueError):
     """Not a compact message (decode), or readings that cannot be one (encode)."""
 
 
-def is_compact(payload: bytes) -> bool:
+def is_compact(payload: bytes | bytearray) -> bool:
     """Starts with the self-describe tag (JSON never starts with byte 0xd9)."""
     return bytes(payload[:3]) == MAGIC
 

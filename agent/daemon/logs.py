@@ -12,10 +12,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 
 
 class RateLimit(logging.Filter):
-    def __init__(self, burst: int = 10, window_s: float = 300.0, clock=time.monotonic):
+    def __init__(self, burst: int = 10, window_s: float = 300.0, clock: Callable[[], float] = time.monotonic):
         super().__init__()
         self.burst = burst
         self.window_s = window_s

@@ -115,7 +115,8 @@ class Agent:
         if config.commands.key_file is not None and isinstance(self.uplink, MqttUplink):
             self.uplink.commands = CommandHandler(
                 config.device.id, read_key(config.commands.key_file), self.clock, self._command_actions(),
-                window_s=config.commands.window_s, state_path=self.store.path.with_name(self.store.path.name + ".commands"),
+                window_s=config.commands.window_s,
+                state_path=self.store.path.with_name(self.store.path.name + ".commands"),
             )
         self.notifier = Notifier()
         self.started_wall = time.time()
@@ -308,6 +309,7 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         err = self.clock.system_clock_error_s()
+        commands = self.uplink.commands
         return {
             "device": self.config.device.id,
             "pid": os.getpid(),
@@ -321,10 +323,10 @@ class Agent:
                 "system_error_s": None if err is None else round(err, 3),
             },
             "uplink": self.uplink.status(),
-            "commands": None if getattr(self.uplink, "commands", None) is None else {
-                "accepted": self.uplink.commands.accepted, "rejected": self.uplink.commands.rejected,
-                "nonce_record_unusable_at_start": self.uplink.commands.record.unusable,
-                "nonce_record_write_errors": self.uplink.commands.record.write_errors},
+            "commands": None if commands is None else {
+                "accepted": commands.accepted, "rejected": commands.rejected,
+                "nonce_record_unusable_at_start": commands.record.unusable,
+                "nonce_record_write_errors": commands.record.write_errors},
             "drivers": {source: driver_status(d) | self.sources[source].status()
                         for source, d in zip(self.sources, self.drivers)},
             "store": {

@@ -20,7 +20,8 @@ def mosquitto_binary() -> str | None:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Mosquitto:
     tls: BrokerTls | None = None
     extra_conf: list[str] = field(default_factory=list)
     persistence: bool = True
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
 
     def config_text(self) -> str:
         lines = [

@@ -82,7 +82,7 @@ class DemoBackend:
     def start(self) -> None:
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                   client_id="demo-backend", clean_session=False)
-        self.client.reconnect_delay_set(0.1, 1.0)
+        self.client.reconnect_delay_set(0.1, 1.0)  # type: ignore[arg-type]  # paho says int; it sleeps seconds
         self.client.on_connect = lambda c, *_: c.subscribe(f"{self.prefix}/#", qos=1)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", self.port, keepalive=10)
@@ -165,8 +165,8 @@ def run_demo(*, speed: float = 1000.0, workdir: Path | None = None, out: TextIO)
     say(f"demo: lorry {cfg.device.id}, Chongqing -> Hanoi, {len(fixes)} GPS fixes replayed at {speed:g}x; "
         f"broker 127.0.0.1:{broker.port}; work folder {workdir}")
     r = cfg.reporting
-    say(f"demo: reporting policy: a fix every {r.min_period_s:g} s, {r.min_distance_m:g} m or {r.min_heading_deg:g} deg "
-        f"of turn, the track kept within {r.max_deviation_m:g} m, stops and starts always")
+    say(f"demo: reporting policy: a fix every {r.min_period_s:g} s, {r.min_distance_m:g} m "
+        f"or {r.min_heading_deg:g} deg of turn, the track kept within {r.max_deviation_m:g} m, stops and starts always")
     runner = threading.Thread(target=agent.run, name="agent", daemon=True)
     started = time.monotonic()
     runner.start()

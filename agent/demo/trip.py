@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import gzip
 import datetime as dt
+import gzip
 import math
 import random
 from collections.abc import Iterator
@@ -123,7 +123,8 @@ def _road(seed: int) -> list[tuple[float, float, float, str]]:
         length = haversine_m(la1, lo1, la2, lo2)
         n = max(2, int(length / 200))
         # Lateral bends: a few sine waves whose amplitude vanishes at both ends of the leg.
-        waves = [(rng.uniform(0.002, 0.012) * length / 1000 / 10, rng.randint(1, 6), rng.uniform(0, math.tau)) for _ in range(3)]
+        waves = [(rng.uniform(0.002, 0.012) * length / 1000 / 10, rng.randint(1, 6), rng.uniform(0, math.tau))
+                 for _ in range(3)]
         nx, ny = -(lo2 - lo1), (la2 - la1)
         norm = math.hypot(nx, ny) or 1.0
         for i in range(n):
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     fixes = write(a.out, a.interval, a.hours, a.seed)
     km = sum(haversine_m(x.lat, x.lon, y.lat, y.lon) for x, y in zip(fixes, fixes[1:])) / 1000
-    print(f"{a.out}: {len(fixes)} fixes, {km:.0f} km, {(fixes[-1].ts - fixes[0].ts)} from {fixes[0].ts:%Y-%m-%d %H:%M}Z")
+    print(f"{a.out}: {len(fixes)} fixes, {km:.0f} km, {(fixes[-1].ts - fixes[0].ts)} "
+          f"from {fixes[0].ts:%Y-%m-%d %H:%M}Z")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,19 @@ import json
 import math
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from agent.model.secrets import read_secret
 
 CHAIN_FIELDS = ("hash", "hmac")
+
+
+@overload
+def read_key(path: Path, private: bool = True) -> bytes: ...
+
+
+@overload
+def read_key(path: Path | None, private: bool = True) -> bytes | None: ...
 
 
 def read_key(path: Path | None, private: bool = True) -> bytes | None:

@@ -12,6 +12,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from math import isfinite
+from typing import TypeVar
+
+N = TypeVar("N", bound=float)
+"""keep/require hand back the value itself: an int stays an int (satellites, battery %)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +39,8 @@ class Range:
 FIELDS: dict[str, Range] = {
     "lat": Range(-90, 90, "°", "WGS 84 latitude"),
     "lon": Range(-180, 180, "°", "WGS 84 longitude"),
-    "speed_kmh": Range(0, 500, "km/h", "ground speed; a receiver reports no faster than a land vehicle could be carried"),
+    "speed_kmh": Range(0, 500, "km/h",
+                       "ground speed; a receiver reports no faster than a land vehicle could be carried"),
     "course": Range(0, 360, "°", "true course over ground (some receivers say 360 for north)"),
     "alt_m": Range(-1000, 10_000, "m", "height above the geoid: below the Dead Sea shore to above any road"),
     "sats": Range(0, 128, "", "satellites used in the fix (four constellations at most ~60 above the horizon)"),
@@ -73,14 +78,14 @@ class RangeCheck:
         self.counts: Counter[str] = Counter()
         """Values dropped or readings refused, per field."""
 
-    def keep(self, field: str, value: float | None) -> float | None:
+    def keep(self, field: str, value: N | None) -> N | None:
         """The value if it is physically possible, else None (counted)."""
         if value is None or value in FIELDS[field]:
             return value
         self.counts[field] += 1
         return None
 
-    def require(self, field: str, value: float) -> float:
+    def require(self, field: str, value: N) -> N:
         """The value, or OutOfRange (counted) when the reading cannot do without it."""
         if value in FIELDS[field]:
             return value

@@ -15,7 +15,8 @@ def secret_problem(path: Path) -> str | None:
     except OSError as e:
         return f"cannot read {path}: {e.strerror or e}"
     if mode & stat.S_IROTH:
-        return f"{path} is readable by everyone (mode {stat.S_IMODE(mode):04o}); chmod o-rwx it (e.g. 0640 root:lorry-agent)"
+        return (f"{path} is readable by everyone (mode {stat.S_IMODE(mode):04o}); "
+                "chmod o-rwx it (e.g. 0640 root:lorry-agent)")
     return None
 
 

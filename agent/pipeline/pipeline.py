@@ -14,16 +14,17 @@ import dataclasses
 import logging
 import threading
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
-from agent.pipeline.alarms import TemperatureWatch, alarm, seal_alarm
-from agent.model.clock import TimeKeeper, boot_id
 from agent.config import Config
+from agent.model.clock import TimeKeeper, boot_id
+from agent.model.reading import Reading, iso_ms
+from agent.model.streams import IGNITION, POSITION, SEAL, TEMPERATURE
+from agent.pipeline.alarms import TemperatureWatch, alarm, seal_alarm
 from agent.pipeline.fixfilter import FixFilter
 from agent.pipeline.geofence import Geofences
 from agent.pipeline.reporting import ReportingPolicy
-from agent.model.reading import Reading, iso_ms
-from agent.model.streams import IGNITION, POSITION, SEAL, TEMPERATURE
 from agent.store.buffer import Store
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class Pipeline:
         """Where and whether authorised, made durable, then the alarm."""
         with self._position_lock:
             position = self._position_at(reading.ts_ms)
-            zones = self.geofences.inside
+            zones: Sequence[str] = self.geofences.inside  # a list from _zones_at: the same JSON
             authorised = self.geofences.seal_opening_authorised()
             if position is not None and reading.ts_ms is not None and self.last_fix is not None \
                     and (self.last_fix.ts_ms or 0) > reading.ts_ms + 1000:

@@ -69,8 +69,8 @@ class Space:
             if max_age_ms and now_ms is not None:
                 for plan in retention.plan_expiry(conn, now_ms - max_age_ms):
                     self._execute(plan, emergency)
-            while limit and (plan := retention.plan_shed(conn, limit)) is not None:
-                self._execute(plan, emergency)
+            while limit and (shed := retention.plan_shed(conn, limit)) is not None:
+                self._execute(shed, emergency)
             if emergency:
                 self._give_back()
                 self.take_reserve()
@@ -129,4 +129,6 @@ class Space:
 
 
 def _free_pages_bytes(conn: sqlite3.Connection) -> int:
-    return conn.execute("PRAGMA freelist_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+    free: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+    return free * size

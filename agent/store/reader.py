@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(slots=True, frozen=True)
@@ -79,12 +80,12 @@ class StoreReader:
         with self._count_lock:
             queued = self._queued  # read first: a reading moves from queued to a row, never back
         with self._visibility, self._rlock:
-            n = self._rconn.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+            n: int = self._rconn.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
             n -= len(self._acked)
         return n + queued
 
 
-def buffer_summary(conn: sqlite3.Connection, lock: threading.Lock | None = None) -> dict[str, dict]:
+def buffer_summary(conn: sqlite3.Connection, lock: threading.Lock | None = None) -> dict[str, dict[str, Any]]:
     sql = (
         "SELECT s.stream, s.last_seq, COUNT(r.id), MIN(CASE WHEN r.held = 0 THEN r.ts END), MIN(r.seq),"
         " COALESCE(SUM(r.held), 0) FROM streams s "

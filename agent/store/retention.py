@@ -39,9 +39,9 @@ class Dropped:
 
 def used_bytes(conn: sqlite3.Connection) -> int:
     """Bytes the data occupies (the file does not shrink; freed pages are reused)."""
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages: int = conn.execute("PRAGMA page_count").fetchone()[0]
+    free: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    size: int = conn.execute("PRAGMA page_size").fetchone()[0]
     return (pages - free) * size
 
 

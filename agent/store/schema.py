@@ -13,6 +13,7 @@ import sqlite3
 import stat
 import time
 from pathlib import Path
+from typing import cast
 
 import sqlite_utils
 
@@ -36,16 +37,18 @@ def create_schema(db: sqlite_utils.Database) -> None:
         " body TEXT NOT NULL)"
     )
     db.execute("CREATE INDEX IF NOT EXISTS readings_stream ON readings(stream)")
+    # db[name] is a View only if a view has that name; these are our tables.
+    readings = cast(sqlite_utils.db.Table, db["readings"])
     # v2: readings taken before the time was known are held until it is (agent/model/clock.py).
-    have = db["readings"].columns_dict
+    have = readings.columns_dict
     # v3: ``stored_ms``, the device's trusted time when the row was stored (NULL: none was
     # known, or a v2 row): what max_age_days is judged by, never the reading's own time.
     for name, kind in (("held", int), ("mono_ns", int), ("boot_id", str), ("wall_ms", int), ("stored_ms", int)):
         if name not in have:
-            db["readings"].add_column(name, kind, not_null_default=0 if name == "held" else None)
+            readings.add_column(name, kind, not_null_default=0 if name == "held" else None)
     db.execute("CREATE INDEX IF NOT EXISTS readings_stored ON readings(stored_ms)")
-    db["streams"].create({"stream": str, "last_seq": int}, pk="stream", if_not_exists=True)
-    db["state"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+    cast(sqlite_utils.db.Table, db["streams"]).create({"stream": str, "last_seq": int}, pk="stream", if_not_exists=True)
+    cast(sqlite_utils.db.Table, db["state"]).create({"key": str, "value": str}, pk="key", if_not_exists=True)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 

@@ -140,7 +140,7 @@ class StoreWriter:
             if time.monotonic() >= self._next_maintenance:
                 self._maintain()
 
-    def _commit_all_of(self, batch: list[tuple], durable: bool) -> bool:
+    def _commit_all_of(self, batch: list[tuple[Any, ...]], durable: bool) -> bool:
         """Commit the batch; on a full store, evidence first and the rest in chunks, so what
         fits gets in. What was committed leaves ``batch`` (it is changed in place)."""
         if self._commit(batch, durable=durable):
@@ -156,13 +156,14 @@ class StoreWriter:
             del batch[:len(chunk)]
         return True
 
-    def _bounded(self, batch: list[tuple]) -> list[tuple]:
+    def _bounded(self, batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """While nothing can be written, keep memory bounded: give up the oldest readings that
         are not evidence (seal, alarm, ignition are always kept), and say so."""
         excess = len(batch) - _MAX_PENDING
         if excess <= 0:
             return batch
-        kept, lost = [], Counter()
+        kept: list[tuple[Any, ...]] = []
+        lost: Counter[str] = Counter()
         for item in batch:
             if excess > 0 and item[0] not in streams.NEVER_SHED:
                 lost[item[0]] += 1
@@ -179,9 +180,9 @@ class StoreWriter:
         now = self.now_ms() if self.max_age_ms else None
         self.space.keep(self.max_bytes, self.max_age_ms, now, emergency=emergency)
 
-    def _drain(self, first: Any = None) -> tuple[list[tuple], list[Any]]:
+    def _drain(self, first: Any = None) -> tuple[list[tuple[Any, ...]], list[Any]]:
         """Everything queued right now: readings (one transaction) and control markers."""
-        batch: list[tuple] = []
+        batch: list[tuple[Any, ...]] = []
         markers: list[Any] = []
         item = first
         while True:
@@ -223,7 +224,7 @@ class StoreWriter:
             and time.monotonic() - self._state_dirty_since >= _STATE_INTERVAL_S
         )
 
-    def _commit(self, batch: list[tuple], durable: bool) -> bool:
+    def _commit(self, batch: list[tuple[Any, ...]], durable: bool) -> bool:
         """One transaction: new rows, their seq counters, pending deletions, state."""
         conn = self._wdb.conn
         with self._ack_lock:

@@ -18,6 +18,7 @@ from agent.config import Config
 from agent.model import streams
 from agent.model.backoff import backoff_delay
 from agent.store.buffer import Store
+from agent.uplink.commands import CommandHandler
 from agent.uplink.outbox import Batch, Outbox
 from agent.uplink.outcome import Outcome, Verdict
 from agent.uplink.regions import UplinkPlan
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 class Uplink:
     """Common bookkeeping; subclasses implement ``_serve``."""
+
+    commands: CommandHandler | None = None
+    """The remote command channel: only a transport that receives commands (MQTT) has one."""
 
     def __init__(self, config: Config, store: Store, plan: UplinkPlan | None = None):
         self.config = config
@@ -148,6 +152,7 @@ class Uplink:
 
 def _is_drop_alarm(body: str) -> bool:
     try:
-        return json.loads(body).get("kind") == "data_dropped"
+        dropped: bool = json.loads(body).get("kind") == "data_dropped"
+        return dropped
     except (ValueError, AttributeError):
         return False

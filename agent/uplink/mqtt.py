@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import compact
 from agent.config import Config
@@ -32,6 +33,7 @@ from agent.model.backoff import backoff_delay
 from agent.store.buffer import Store
 from agent.uplink.base import Uplink
 from agent.uplink.client import new_client
+from agent.uplink.commands import CommandHandler
 from agent.uplink.console import ConsoleUplink
 from agent.uplink.deliverability import PUBLISH_OVERHEAD, Deliverability, packet_size
 from agent.uplink.linkrate import LinkRate
@@ -55,8 +57,8 @@ class MqttUplink(Uplink):
     def __init__(self, config: Config, store: Store, plan: UplinkPlan | None = None):
         super().__init__(config, store, plan)
         self.status_topic = config.topic("status")
-        self.commands: Any = None
-        """A CommandHandler (agent/uplink/commands.py) when the command channel is configured."""
+        self.commands: CommandHandler | None = None
+        """Set by the runner when the command channel is configured."""
         self.connects = 0
         self.disconnects = 0
         m = config.mqtt
@@ -73,7 +75,7 @@ class MqttUplink(Uplink):
         self._inflight: dict[int, Batch] = {}
         self._sent: dict[int, tuple[float, int, int]] = {}
         """mid → (monotonic send time, packet bytes, payload bytes), status messages included."""
-        self._connack: mqtt.ReasonCode | None = None
+        self._connack: ReasonCode | None = None
         self._lost = False
         self._lost_reason: str | None = None
         self._paho_error: str | None = None
@@ -324,12 +326,12 @@ class MqttUplink(Uplink):
         if level == mqtt.MQTT_LOG_ERR:
             self._paho_error = message
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: mqtt.ReasonCode, props: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
         self._connack = reason
         broker_max = getattr(props, "MaximumPacketSize", None) if props is not None else None
         self.limits.connected(int(broker_max) if broker_max else None)
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: mqtt.ReasonCode,
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        props: Any) -> None:
         self._lost = True
         self._lost_reason = getattr(reason, "getName", lambda: str(reason))()
@@ -347,7 +349,7 @@ class MqttUplink(Uplink):
             self.commands_dropped += 1
             log.exception("MQTT: a command message was dropped")
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: mqtt.ReasonCode, props: Any) -> None:
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode, props: Any) -> None:
         sent = self._sent.pop(mid, None)
         if sent is not None and not reason.is_failure:
             self.limits.acked(sent[1])

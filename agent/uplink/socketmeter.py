@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from typing import Any
 
 # struct tcp_info (include/uapi/linux/tcp.h): u64 tcpi_bytes_acked at offset 120, u64
 # tcpi_bytes_received at 128.
@@ -16,8 +17,9 @@ _OFFSET = 120
 _LEN = 136
 
 
-def tcp_bytes(sock: socket.socket) -> tuple[int, int] | None:
-    """(bytes sent and acknowledged by the peer, bytes received) on this connection."""
+def tcp_bytes(sock: Any) -> tuple[int, int] | None:
+    """(bytes sent and acknowledged by the peer, bytes received) on this connection. ``sock``
+    is whatever paho holds (a TCP or TLS socket, or a websocket wrapper without getsockopt)."""
     try:
         raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _LEN)
     except (OSError, AttributeError, ValueError):
@@ -31,11 +33,11 @@ class SocketMeter:
     """Turns one connection's running totals into increments."""
 
     def __init__(self) -> None:
-        self._sock: socket.socket | None = None
+        self._sock: object | None = None
         self._last = (0, 0)
         self.available = True
 
-    def take(self, sock: socket.socket | None) -> int:
+    def take(self, sock: object | None) -> int:
         """Bytes (both directions) since the last call; a new socket starts from zero."""
         if sock is None:
             return 0

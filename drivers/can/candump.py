@@ -15,7 +15,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import can
 
@@ -217,9 +217,9 @@ class Timeline:
         self._range = ranges.get(mode, (0.0, 0.0))
         self.base = math.nan
         """The last believed time (NaN: none yet)."""
-        self._held: list[list] = []
+        self._held: list[list[Any]] = []
         """[message, its time or None, the index of its run or None] while a jump is unconfirmed."""
-        self._runs: list[list] = []
+        self._runs: list[list[Any]] = []
         """[latest time, frames] of each run of held frames that follow each other."""
 
     def frames(self, source: Iterable[can.Message | None]) -> Iterator[can.Message | None]:

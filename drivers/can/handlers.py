@@ -83,11 +83,14 @@ def _enabled(config: CanConfig, name: str) -> bool:
     return c is None or c.enabled
 
 
+def _pick(v: float | None, d: float) -> float:
+    return d if v is None else v
+
+
 def _param(config: CanConfig, name: str, spn_: int | None, unit: str, deadband: float) -> Param:
     c = config.signals.get(name)
-    pick = lambda v, d: d if v is None else v  # noqa: E731
     return Param(name, spn_, unit, Sampled(
-        min_interval_s=pick(c and c.min_interval_s, config.min_interval_s),
-        max_interval_s=pick(c and c.max_interval_s, config.max_interval_s),
-        deadband=pick(c and c.deadband, deadband),
+        min_interval_s=_pick(None if c is None else c.min_interval_s, config.min_interval_s),
+        max_interval_s=_pick(None if c is None else c.max_interval_s, config.max_interval_s),
+        deadband=_pick(None if c is None else c.deadband, deadband),
     ))

@@ -112,7 +112,8 @@ def _find_chip(gpiod: Any, label: str) -> str:
 
 def _offset(chip: Any, path: str, line: int | str) -> int:
     try:
-        return chip.line_offset_from_id(line)
+        offset: int = chip.line_offset_from_id(line)
+        return offset
     except (OSError, ValueError):
         if isinstance(line, str):
             raise GpioError(f"GPIO chip {path} has no line named {line!r}") from None

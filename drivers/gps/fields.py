@@ -22,7 +22,8 @@ WIDTH = {k: len(cls.fields) for k, cls in LAYOUT.items()}
 
 
 def _i(kind: str, name: str) -> int:
-    return LAYOUT[kind].name_to_idx[name]
+    idx: int = LAYOUT[kind].name_to_idx[name]  # pynmea2 is untyped
+    return idx
 
 
 TIME = {k: _i(k, "timestamp") for k in EPOCH_TYPES if k != "VTG"}

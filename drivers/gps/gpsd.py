@@ -211,7 +211,7 @@ class GpsdGps(ReconnectingDriver):
         mode, status = tpv.get("mode"), tpv.get("status", 1)
         status = status if isinstance(status, int) else 1
         lat, lon = _num(tpv.get("lat")), _num(tpv.get("lon"))
-        if not isinstance(mode, int) or mode < 2 or status in NOT_POSITION or None in (lat, lon):
+        if not isinstance(mode, int) or mode < 2 or status in NOT_POSITION or lat is None or lon is None:
             self.no_fix += 1
             return
         keep = self.ranges.keep

@@ -197,7 +197,7 @@ def _resolve(port: str) -> str:
     return matches[0]
 
 
-def _open_capture(path: Path) -> IO[bytes]:
+def _open_capture(path: Path) -> IO[bytes] | gzip.GzipFile:
     if path.suffix == ".gz":
         return gzip.open(path, "rb")
     return open(path, "rb")

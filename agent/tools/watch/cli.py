@@ -148,3 +148,4 @@ def main(args: argparse.Namespace) -> int:
                      interval=getattr(args, "interval", None) or SCREEN_INTERVAL_S)
     except (ssl.SSLError, OSError, ValueError) as e:  # e.g. a TLS file paho cannot load
         print(f"lorry-agent watch: cannot set up the connection: {e}", file=sys.stderr)
+        return 2

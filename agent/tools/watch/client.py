@@ -78,7 +78,7 @@ class MqttWatch:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else not o.keep_session,
         )
-        client.reconnect_delay_set(*reconnect)
+        client.reconnect_delay_set(*reconnect)  # type: ignore[arg-type]  # paho says int; it sleeps seconds
         if o.username is not None:
             client.username_pw_set(o.username, o.password)
         if o.tls_ca is not None:

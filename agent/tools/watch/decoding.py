@@ -19,7 +19,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed (docs/contract.md: no NaN or infinities)")
 
 
-def decode(payload: bytes, content_type: str | None = None) -> list[dict[str, Any]]:
+def decode(payload: bytes | bytearray, content_type: str | None = None) -> list[dict[str, Any]]:
     """One message's readings, in order: a JSON object (one reading) or array (a batch), or a
     compact batch (docs/compact.md).
 

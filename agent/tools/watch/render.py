@@ -11,6 +11,8 @@ from typing import Any
 from agent.tools.watch.state import DROPPED_STREAM_KEYS, DeviceState, lookup
 
 LABEL = 10
+_AUTHORISED: dict[Any, str] = {True: "authorised", False: "NOT AUTHORISED"}
+"""A seal event's ``authorised``, as received (any JSON value)."""
 
 
 def _line(label: str, text: str) -> str:
@@ -109,7 +111,7 @@ def device_lines(dev: DeviceState, now: float) -> list[str]:
     for name, s in sorted(dev.seals.items()):
         text = f"{name} {_f(s.get('event'))} at {s.get('ts')}"
         if s.get("event") in ("opened", "tampered"):
-            text += "  " + {True: "authorised", False: "NOT AUTHORISED"}.get(s.get("authorised"), "authorised ?")
+            text += "  " + _AUTHORISED.get(s.get("authorised"), "authorised ?")
         zones = s.get("zones")
         text += f"  zones: {', '.join(map(str, zones)) if isinstance(zones, list) and zones else '-'}"
         if s.get("seal_id") is not None:
@@ -137,14 +139,14 @@ def device_lines(dev: DeviceState, now: float) -> list[str]:
                                   (f"  lamps {', '.join(lit)}" if lit else "")))
     for a in reversed(dev.alarms):
         lines.append(_line("alarm", _alarm_text(a)))
-    for _name, s in sorted(dev.streams.items()):
-        if s.seqs.count:
-            lines.append(_line("stream", f"{s.summary()};  {s.readings} readings, {s.duplicates} dup, "
-                                         f"{s.messages} msgs ({s.batches} batches), {_kib(s.bytes)}"
-                                         + (f", {s.malformed} malformed" if s.malformed else "")))
-        elif s.messages:
-            lines.append(_line("stream", f"{s.name}: no usable readings;  {s.messages} msgs, {_kib(s.bytes)}, "
-                                         f"{s.malformed} malformed"))
+    for _name, st in sorted(dev.streams.items()):
+        if st.seqs.count:
+            lines.append(_line("stream", f"{st.summary()};  {st.readings} readings, {st.duplicates} dup, "
+                                         f"{st.messages} msgs ({st.batches} batches), {_kib(st.bytes)}"
+                                         + (f", {st.malformed} malformed" if st.malformed else "")))
+        elif st.messages:
+            lines.append(_line("stream", f"{st.name}: no usable readings;  {st.messages} msgs, {_kib(st.bytes)}, "
+                                         f"{st.malformed} malformed"))
     if dev.other:
         lines += _wrapped("other", [f"{k} {n} msgs" for k, n in sorted(dev.other.items())])
     if dev.malformed_messages or dev.malformed_readings:

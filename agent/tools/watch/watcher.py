@@ -47,7 +47,7 @@ class Watcher:
 
     # -- input ----------------------------------------------------------------------------
 
-    def on_payload(self, topic: str, payload: bytes, content_type: str | None = None,
+    def on_payload(self, topic: str, payload: bytes | bytearray, content_type: str | None = None,
                    retained: bool = False) -> list[dict[str, Any]]:
         """Take one message in. Returns the readings it carried that were accepted (duplicates
         included: everything that arrived), in order; [] for status and bad messages."""

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import cantools
 
 from drivers.can.j1939.ids import parse_id
+
+if TYPE_CHECKING:
+    from cantools.typechecking import SignalDictType
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +45,8 @@ class DbcMessage:
 
     def decode(self, data: bytes) -> list[float | None]:
         try:
-            raw = self.message.decode(data, decode_choices=False, scaling=False)
+            # Not a container message (decode_containers is off): a dict of signals.
+            raw = cast("SignalDictType", self.message.decode(data, decode_choices=False, scaling=False))
         except Exception:  # noqa: BLE001 - cantools raises several types for short/odd frames
             return [None] * len(self.signals)
         out: list[float | None] = []
@@ -65,7 +70,8 @@ def load(paths: list[Path]) -> dict[int, DbcMessage]:
     """Messages by PGN; a later file overrides an earlier one for the same PGN."""
     by_pgn: dict[int, DbcMessage] = {}
     for path in paths:
-        db = cantools.database.load_file(str(path), strict=False)
+        # A DBC file gives a CAN database (a .cdd would give a diagnostics one, without messages).
+        db = cast(cantools.database.can.Database, cantools.database.load_file(str(path), strict=False))
         for message in db.messages:
             if message.is_extended_frame:
                 m = DbcMessage(message)

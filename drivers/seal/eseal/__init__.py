@@ -72,4 +72,5 @@ def protocol_class(name: str) -> type[EsealProtocol]:
     if target is None:
         raise UnknownProtocol(f"unknown e-seal protocol {name!r}; known: {', '.join(sorted(PROTOCOLS))}")
     module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)
+    found: type[EsealProtocol] = getattr(importlib.import_module(module), cls)
+    return found
