@@ -56,12 +56,12 @@ class Driver(ABC):
         return []
 
     @abstractmethod
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """Counters and state for ``lorry-agent status`` and the health reading."""
 
     def health(self, status: dict[str, Any]) -> dict[str, Any]:
         """This driver's fields of the `health` reading (docs/asyncapi.yaml), such as
-        ``{"gps": {...}}``, made from ``status`` (what ``status()`` gave, or
+        ``{"gps": {...}}``, made from ``status`` (what ``snapshot()`` gave, or
         ``{"status_error": ...}`` when it failed). Most drivers add none."""
         return {}
 

@@ -808,7 +808,7 @@ def test_a_health_reading_after_driver_crashes_matches_the_document(tmp_path: Pa
     try:
         agent.emit(health_reading(
             started_mono=agent.started_mono, clock=agent.clock, drivers=agent.drivers,
-            pipeline_status=agent.pipeline.status(), pending=0, time_pending=0,
+            pipeline_status=agent.pipeline.snapshot(), pending=0, time_pending=0,
             sources={"gps": {"restarts": 2, "crashes": 2, "dead": False},
                      "seals:rear_door": {"restarts": 0, "crashes": 1, "dead": True}}))
         assert agent.store.flush()

@@ -11,10 +11,10 @@ from drivers.base import Driver
 
 
 def driver_status(driver: Driver) -> dict[str, Any]:
-    """The driver's ``status()``; a driver whose status fails says so instead of taking the
+    """The driver's ``snapshot()``; a driver whose status fails says so instead of taking the
     agent's status (or the health reading) down with it."""
     try:
-        return dict(driver.status())
+        return dict(driver.snapshot())
     except Exception as e:  # noqa: BLE001 - a driver bug is reported, not propagated
         return {"status_error": f"{type(e).__name__}: {e}"}
 

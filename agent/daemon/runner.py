@@ -35,7 +35,7 @@ from drivers.base import Driver
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "status"
+SNAPSHOT_KEY = "status"  # the state-table row `lorry-agent status` reads (cli/statusview.py)
 TICK_S = 1.0
 RESTART_BACKOFF_S = (1.0, 60.0)
 """A crashed driver is restarted after this capped, jittered backoff (first, longest)."""
@@ -58,7 +58,7 @@ class SourceHealth:
     """A finite source (a replay) that crashed: it is not restarted (it would replay again
     from the start), its data ends early."""
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         return {"restarts": self.restarts, "crashes": self.crashes, "last_crash": self.last_crash, "dead": self.dead}
 
 
@@ -166,7 +166,7 @@ class Agent:
             while not self._stop.wait(tick):
                 if self._healthy():
                     self.notifier.watchdog()
-                self._save_status()
+                self._save_snapshot()
                 self.store.release_held(self.pipeline.resolve_held)
                 self._maybe_health()
                 if self.until_drained and self._drained():
@@ -267,8 +267,8 @@ class Agent:
         self._next_health = now + interval
         self.emit(health_reading(
             started_mono=self.started_mono, clock=self.clock, drivers=self.drivers,
-            pipeline_status=self.pipeline.status(), pending=self.store.pending(), time_pending=self.store.held,
-            sources={source: h.status() for source, h in self.sources.items()},
+            pipeline_status=self.pipeline.snapshot(), pending=self.store.pending(), time_pending=self.store.held,
+            sources={source: h.snapshot() for source, h in self.sources.items()},
         ))
 
     def _healthy(self) -> bool:
@@ -296,10 +296,10 @@ class Agent:
         for t in self._driver_threads:
             t.join(DRIVER_STOP_S)
         self.store.flush()
-        self._save_status()
+        self._save_snapshot()
         self.uplink.stop(timeout=10)
         self.stopped_wall = time.time()
-        self._save_status()
+        self._save_snapshot()
         self.store.close()
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
@@ -307,7 +307,7 @@ class Agent:
 
     # -- status -------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         err = self.clock.system_clock_error_s()
         commands = self.uplink.commands
         return {
@@ -316,18 +316,18 @@ class Agent:
             "updated": time.time(),
             "started": self.started_wall,
             "stopped": self.stopped_wall,
-            **self.pipeline.status(),
+            **self.pipeline.snapshot(),
             "clock": {
                 "gps_time": self.clock.has_gps_time,
                 "system_trusted": self.clock.system_trusted(),
                 "system_error_s": None if err is None else round(err, 3),
             },
-            "uplink": self.uplink.status(),
+            "uplink": self.uplink.snapshot(),
             "commands": None if commands is None else {
                 "accepted": commands.accepted, "rejected": commands.rejected,
                 "nonce_record_unusable_at_start": commands.record.unusable,
                 "nonce_record_write_errors": commands.record.write_errors},
-            "drivers": {source: driver_status(d) | self.sources[source].status()
+            "drivers": {source: driver_status(d) | self.sources[source].snapshot()
                         for source, d in zip(self.sources, self.drivers)},
             "store": {
                 "commits": self.store.commits,
@@ -341,8 +341,8 @@ class Agent:
             },
         }
 
-    def _save_status(self) -> None:
-        self.store.set_state(STATE_KEY, json.dumps(self.status(), default=str))
+    def _save_snapshot(self) -> None:
+        self.store.set_state(SNAPSHOT_KEY, json.dumps(self.snapshot(), default=str))
 
 
 def run(config: Config, *, dry_run: bool = False, until_drained: bool = False) -> int:

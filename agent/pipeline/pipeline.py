@@ -182,7 +182,7 @@ class Pipeline:
             return wall_ms, False
         return None
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         fix = self.last_fix
         return {
             "zones": self.geofences.inside,

@@ -67,7 +67,7 @@ class Uplink:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "connected": self.connected,
             "messages_acked": self.messages_acked,

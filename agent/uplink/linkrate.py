@@ -118,7 +118,7 @@ class LinkRate:
     def may_send(self) -> bool:
         return self.inflight_bytes < self.inflight_limit()
 
-    def status(self) -> dict[str, float | int | None]:
+    def snapshot(self) -> dict[str, float | int | None]:
         rtt, rate = self.rtt_s, self.rate_bps
         return {"rtt_ms": round(rtt * 1000, 1) if rtt is not None else None,
                 "rate_kbit_s": round(rate * 8 / 1000, 1) if rate is not None else None,

@@ -56,7 +56,7 @@ _USAGE_SAVE_S = 10.0
 class MqttUplink(Uplink):
     def __init__(self, config: Config, store: Store, plan: UplinkPlan | None = None):
         super().__init__(config, store, plan)
-        self.status_topic = config.topic("status")
+        self.presence_topic = config.topic("status")
         self.commands: CommandHandler | None = None
         """Set by the runner when the command channel is configured."""
         self.connects = 0
@@ -86,8 +86,8 @@ class MqttUplink(Uplink):
         self.commands_dropped = 0
         """Command messages that got no reply (the handler or the reply failed)."""
 
-    def status(self) -> dict[str, Any]:
-        out = super().status() | {
+    def snapshot(self) -> dict[str, Any]:
+        out = super().snapshot() | {
             "broker": f"{self.config.mqtt.host}:{self.config.mqtt.port}",
             "connects": self.connects,
             "disconnects": self.disconnects,
@@ -96,11 +96,11 @@ class MqttUplink(Uplink):
             "commands_dropped": self.commands_dropped,
             "encoding": self.config.mqtt.encoding,
             "wire_bytes": self.wire_bytes if self.meter.available else None,
-            "link": self.rate.status() | {"inflight_bytes": self.rate.inflight_bytes,
+            "link": self.rate.snapshot() | {"inflight_bytes": self.rate.inflight_bytes,
                                           "max_message_bytes": self.limits.max_payload},
         }
         if self.plan is not None:
-            out["data"] = self.plan.status()
+            out["data"] = self.plan.snapshot()
         return out
 
     def _serve(self) -> None:
@@ -122,7 +122,7 @@ class MqttUplink(Uplink):
     # -- connection -------------------------------------------------------------------------
 
     def _client(self) -> mqtt.Client:
-        client = new_client(self.config, will=(self.status_topic, STATUS_OFFLINE))
+        client = new_client(self.config, will=(self.presence_topic, STATUS_OFFLINE))
         client.on_log = self._on_log
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -165,8 +165,8 @@ class MqttUplink(Uplink):
         self.connects += 1
         self.connected = True
         log.info("connected to %s:%d", m.host, m.port)
-        info = client.publish(self.status_topic, STATUS_ONLINE, qos=1, retain=True)
-        size = packet_size(self.status_topic, STATUS_ONLINE, None, self.config.mqtt.protocol == "5")
+        info = client.publish(self.presence_topic, STATUS_ONLINE, qos=1, retain=True)
+        size = packet_size(self.presence_topic, STATUS_ONLINE, None, self.config.mqtt.protocol == "5")
         self._sent[info.mid] = (time.monotonic(), size, len(STATUS_ONLINE))
         self._status_mid, self._status_acked = info.mid, False
         if self.commands is not None:
@@ -298,7 +298,7 @@ class MqttUplink(Uplink):
     def _goodbye(self, client: mqtt.Client) -> None:
         """Clean shutdown: wait briefly for acks in flight, then say offline ourselves."""
         deadline = time.monotonic() + 3.0
-        info = client.publish(self.status_topic, STATUS_OFFLINE, qos=1, retain=True)
+        info = client.publish(self.presence_topic, STATUS_OFFLINE, qos=1, retain=True)
         while time.monotonic() < deadline and (self._inflight or not info.is_published()):
             if client.loop(timeout=0.05) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return

@@ -109,7 +109,7 @@ class UplinkPlan:
         with self._lock:
             return json.dumps(self.usage, sort_keys=True, separators=(",", ":"))
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         month = month_of(self._wall())
         profiles = {}
         for p in self.profiles or [self.default]:

@@ -112,7 +112,7 @@ class CanBus(ReconnectingDriver):
             return
         super().run(stop)
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         return {
             "source": f"{self.config.interface}:{self.config.replay or self.config.channel}",
             "connected": self.connected,

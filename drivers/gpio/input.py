@@ -76,7 +76,7 @@ class GpioInputDriver(ReconnectingDriver):
     def _reopen_delay(self) -> float:
         return backoff_delay(1, self.reopen_min_s, self.reopen_max_s)
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         return {
             "line": self._line,
             "connected": self.connected,

@@ -37,7 +37,7 @@ class Fix:
 
 
 def health(status: dict[str, Any]) -> dict[str, Any]:
-    """A GPS source's part of the `health` reading, from its ``status()``."""
+    """A GPS source's part of the `health` reading, from its ``snapshot()``."""
     return {"gps": {
         "connected": status.get("connected"),
         "last_fix_ts": status.get("last_fix_ts"),

@@ -153,5 +153,5 @@ class GnssTimeJudge:
         self.reanchored += 1
         return True
 
-    def status(self) -> dict[str, object]:
+    def snapshot(self) -> dict[str, object]:
         return {"refused": dict(self.refused), "rollover_corrected": self.rollover, "reanchored": self.reanchored}

@@ -75,7 +75,7 @@ class GpsdGps(ReconnectingDriver):
         self._in_view: dict[str, int] = {}
         self._sky_at = -math.inf
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         fresh = time.monotonic() - self._sky_at < SKY_STALE_S
         return {
             "source": f"gpsd://{self.config.gpsd}",
@@ -91,7 +91,7 @@ class GpsdGps(ReconnectingDriver):
             "no_fix": self.no_fix,
             "late": self.late,
             "bad_date": sum(self.judge.refused.values()),
-            "dates": self.judge.status(),
+            "dates": self.judge.snapshot(),
             "out_of_range": dict(self.ranges.counts),
             "satellites_in_view": dict(self._in_view) if fresh else {},
         }

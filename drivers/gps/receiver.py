@@ -75,7 +75,7 @@ class NmeaGps(ReconnectingDriver):
         else:
             super().run(stop)
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         c = self.nmea.counters
         fix = self.last_fix
         return {
@@ -97,7 +97,7 @@ class NmeaGps(ReconnectingDriver):
             "ignored": c.ignored,
             "internal_errors": c.internal_errors,
             "rollover_corrected": self.nmea.judge.rollover,
-            "dates": self.nmea.judge.status(),
+            "dates": self.nmea.judge.snapshot(),
             "out_of_range": dict(self.nmea.ranges.counts),
             "satellites_in_view": self.nmea.satellites_in_view,
         }

@@ -91,7 +91,7 @@ class SerialSeal(ReconnectingDriver):
     def devices(cls, config: SerialSealConfig) -> list[str]:
         return serial_port(config.port)
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         heard = self._heard_mono
         return {
             "port": self.config.port,

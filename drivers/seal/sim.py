@@ -46,7 +46,7 @@ class SimSeal(Driver):
             if stop.wait(POLL_S):
                 return
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         pending = self.script[self.emitted :]
         return {
             "events": len(self.script),

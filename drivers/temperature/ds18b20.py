@@ -74,7 +74,7 @@ class Ds18b20(Driver):
             if stop.wait(due - time.monotonic()):
                 return
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         return {
             "path": str(self.config.w1_root / self.config.sensor_id),
             "reads": self.reads,

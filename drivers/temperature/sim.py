@@ -72,7 +72,7 @@ class SimTemperature(Driver):
             if stop.wait(POLL_S):
                 return
 
-    def status(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         return {
             "points": len(self.times),
             "readings": self.readings,

@@ -82,7 +82,7 @@ def test_a_crashing_live_driver_is_restarted_with_backoff_and_counted(tmp_path: 
         wait_until(lambda: len(flaky_seal.starts) == flaky_seal.CRASHES + 1, 30, "the driver running again")
         wait_until(lambda: any(b.get("restarts") == {"seals:door": 3} for b in _health_bodies(agent.store.path)),
                    10, "a health reading with the restarts")
-        st = agent.status()["drivers"]["seals:door"]
+        st = agent.snapshot()["drivers"]["seals:door"]
         assert (st["restarts"], st["crashes"], st["dead"]) == (3, 3, False)
         assert st["last_crash"] == "RuntimeError: bug #3 in the seal driver"
         assert "events" in st, "the driver's own status is still there"
@@ -110,8 +110,8 @@ def test_health_has_no_restarts_while_drivers_run_well(tmp_path: Path) -> None:
     runner.start()
     try:
         wait_until(lambda: len(_health_bodies(agent.store.path)) >= 1, 10, "a health reading")
-        assert agent.status()["drivers"]["seals:door"] | {"restarts": 0, "crashes": 0, "dead": False} \
-            == agent.status()["drivers"]["seals:door"]
+        assert agent.snapshot()["drivers"]["seals:door"] | {"restarts": 0, "crashes": 0, "dead": False} \
+            == agent.snapshot()["drivers"]["seals:door"]
     finally:
         agent.stop()
         runner.join(30)

@@ -125,7 +125,7 @@ def test_a_compact_encoding_failure_falls_back_to_json(tmp_path: Path, monkeypat
 
         monkeypatch.setattr(uplink.compact, "encode", broken)
         assert json.loads(up._encode(batch)) == [json.loads(b) for b in bodies]
-        assert "compact encoding failed" in up.status()["last_error"]
+        assert "compact encoding failed" in up.snapshot()["last_error"]
     finally:
         store.close()
 

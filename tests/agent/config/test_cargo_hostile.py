@@ -226,7 +226,7 @@ def test_the_reader_publishes_only_well_formed_messages_whatever_the_protocol_re
         write_consumed(driver, b"unscripted\n")
         wait_for(lambda: got.pairs()[-2:] == [("ES-1", "tampered"), ("ES-1", "battery_low")], "the last good line")
         time.sleep(0.05)
-        st_ = driver.status()
+        st_ = driver.snapshot()
     assert got.pairs() == [("ES-1", "sealed"), ("ES-1", "opened"), ("ES-1", "tampered"), ("ES-1", "battery_low")]
     assert [r.data["battery_pct"] for r in got.readings] == [80, 80, 15, 15]  # 250 never published
     assert_published_well_formed(got)
@@ -256,7 +256,7 @@ def test_noise_without_a_line_end_then_a_line_in_pieces_is_not_lost() -> None:
         write_consumed(driver, b"#" * 5000)  # a long run without line ends is dropped and counted
         write_consumed(driver, b"\n" + sentence("ES-1", "SEALED", 90))
         wait_for(lambda: got.pairs() == [("ES-1", "opened"), ("ES-1", "sealed")], "the line after a long run")
-        st_ = driver.status()
+        st_ = driver.snapshot()
     assert st_["garbage"] >= 1 and st_["messages"] == 2
 
 
@@ -285,18 +285,18 @@ def test_a_good_line_after_garbage_is_still_parsed() -> None:
             except BadLine:
                 pass
         data = garbage + sentence(seal_id, state, battery)
-        before = driver.status()["messages"]
+        before = driver.snapshot()["messages"]
         n = len(garbage)  # pieces as a slow line delivers them, some inside the good line
         bounds = sorted({0, len(data), *(c for c in cuts if c < n), *(n + c for c in line_cuts if n + c < len(data))})
         for a, b in zip(bounds, bounds[1:]):
             write_consumed(driver, data[a:b])
-        wait_for(lambda: driver.status()["messages"] == before + 1, "the good line")
+        wait_for(lambda: driver.snapshot()["messages"] == before + 1, "the good line")
         seal = model.setdefault(seal_id, {"state": None, "battery_pct": None, "battery_low": False})
         if WIRE_STATES[state.upper()] is not None:
             seal["state"] = WIRE_STATES[state.upper()]
         if battery is not None:
             seal["battery_pct"] = battery
-        assert driver.status()["seals"][seal_id] == seal
+        assert driver.snapshot()["seals"][seal_id] == seal
 
     with Running(driver):
         wait_for(lambda: driver.port is not None, "port open")
@@ -315,7 +315,7 @@ def test_a_flood_of_seal_ids_is_bounded_and_counted() -> None:
         write_consumed(driver, b"".join(sentence(f"S{i}", "SEALED", 90) for i in range(limit + 50)))
         write_consumed(driver, sentence("S0", "OPEN", 90))
         wait_for(lambda: got.pairs()[-1:] == [("S0", "opened")], "a known seal still reports")
-        st_ = driver.status()
+        st_ = driver.snapshot()
     assert len(got.readings) == limit + 1 and len(st_["seals"]) == limit
     assert st_["too_many_seals"] == 50
 
@@ -339,7 +339,7 @@ def test_seal_lines_never_move_the_clock() -> None:
         write_consumed(driver, sentence("ES-1", "OPEN", 80))
         wait_for(lambda: got.pairs() == [("ES-1", "opened")], "the good line")
         after = time.monotonic_ns()
-        st_ = driver.status()
+        st_ = driver.snapshot()
     assert st_["bad_field"] == 12 and st_["messages"] == 1
     (r,) = got.readings
     assert r.ts_ms is None and before <= r.meta["mono_ns"] <= after  # the agent stamps it
@@ -388,7 +388,7 @@ def test_classic_bad_reads_are_specific_errors(tmp_path: Path, files: dict[str, 
     driver = ds18b20(tmp_path, Collector())
     reading = driver.sample()
     assert (reading.data["c"], reading.data["error"]) == want
-    st_ = driver.status()
+    st_ = driver.snapshot()
     if want[1] is not None:
         assert st_[want[1]] == 1 and st_["last_error"]
     json.dumps(st_)
@@ -401,7 +401,7 @@ def test_a_vanished_file_is_missing_and_the_other_file_is_used(tmp_path: Path) -
     assert driver.sample().data == {"sensor": "reefer", "c": 4.5, "error": None}
     (device / "temperature").unlink()
     assert driver.sample().data == {"sensor": "reefer", "c": None, "error": "missing"}
-    assert driver.status()["missing"] == 1
+    assert driver.snapshot()["missing"] == 1
 
 
 def in_child(fn: Callable[[], Any], timeout: float, *, user: int | None = None, memory_mb: int = 512) -> Any:
@@ -455,7 +455,7 @@ def test_permission_denied_is_an_io_error() -> None:
 
         def sample() -> list[Any]:
             r = driver.sample()
-            return [r.data["c"], r.data["error"], driver.status()["last_error"]]
+            return [r.data["c"], r.data["error"], driver.snapshot()["last_error"]]
 
         c, error, detail = in_child(sample, 10, user=user)
         assert (c, error) == (None, "io_error") and "Permission denied" in detail
@@ -553,7 +553,7 @@ def test_any_sensor_files_give_the_value_they_hold_or_a_reason(tmp_path: Path, f
     assert reading.ts_ms is None and isinstance(reading.meta["mono_ns"], int)  # never a time of its own
     if files is not None:
         assert c == expected(files), files  # nothing refused that was good, nothing taken that was not
-    st_ = driver.status()
+    st_ = driver.snapshot()
     assert st_["reads"] == 1 and st_["ok"] + sum(st_[k] for k in ERRORS) == 1
 
 
@@ -580,7 +580,7 @@ def test_any_sequence_of_files_never_stops_the_driver_thread(tmp_path: Path,
         c = r.data["c"]
         assert c is None or (c in FIELDS["temperature_c"] and math.isfinite(c))
         assert r.ts_ms is None
-    st_ = driver.status()
+    st_ = driver.snapshot()
     assert st_["reads"] == st_["ok"] + sum(st_[k] for k in ERRORS)
 
 

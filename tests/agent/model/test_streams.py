@@ -109,7 +109,7 @@ def test_a_stream_no_profile_can_name_is_live_under_every_profile_until_the_budg
     assert plan.allowed("transit") and not plan.allowed("position") and not plan.allowed("health")
     plan.charge(1024 * 1024)
     assert plan.over_budget() and not plan.allowed("transit") and plan.allowed("alarm")
-    assert "transit" not in plan.status()["held"]
+    assert "transit" not in plan.snapshot()["held"]
 
 
 def test_an_unknown_stream_goes_out_under_profiles_end_to_end(tmp_path: Path, broker: Mosquitto,

@@ -134,7 +134,7 @@ def test_a_refused_payload_is_split_then_the_lone_reading_rejected(tmp_path: Pat
         assert quarter is not None and quarter.ids == whole.ids[:1]
         send(quarter, invalid)  # alone and refused: rejected
         assert [(d.stream, d.count, d.reason) for d in announced] == [("position", 1, "undeliverable")]
-        assert up.readings_set_aside == 1 and "set aside 1 position" in up.status()["last_error"]
+        assert up.readings_set_aside == 1 and "set aside 1 position" in up.snapshot()["last_error"]
         rest = box.next_batch()
         assert rest is not None and rest.ids == whole.ids[1:], "the stream moves on"
         send(rest)

@@ -75,7 +75,7 @@ def test_plan_follows_zones_holds_bulks_and_stops_at_the_budget() -> None:
     assert plan.allowed("temperature")
     plan.charge(1024 * 1024)
     assert plan.over_budget() and not plan.allowed("position") and plan.allowed("alarm")
-    assert plan.status()["profiles"]["laos"]["over_budget"] is True
+    assert plan.snapshot()["profiles"]["laos"]["over_budget"] is True
     zones[:] = ["yard", "Laos"]  # the first matching profile wins
     plan.tick()
     assert plan.active.name == "depot" and plan.allowed("health") and plan.allowed("position")

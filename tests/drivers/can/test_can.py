@@ -127,8 +127,8 @@ def test_replay_keeps_the_capture_times(truck: cl.Truck, truck_replay: tuple[Col
         assert r.ts_ms in times, f"{r.stream} reading at {r.ts_ms}: not the time of a frame in the capture"
     assert min(r.ts_ms for r in got.readings) == cl.ms(truck.first)
     assert max(r.ts_ms for r in got.readings) <= cl.ms(truck.last)
-    assert driver.status()["frames"] == len(truck.frames)
-    assert driver.status()["connected"] is False  # the capture is done
+    assert driver.snapshot()["frames"] == len(truck.frames)
+    assert driver.snapshot()["connected"] is False  # the capture is done
 
 
 def test_replay_values_are_named_numbers_never_na_or_error(truck_replay: tuple[Collector, CanBus]) -> None:
@@ -165,7 +165,7 @@ def test_replay_dm1_changes_become_urgent_alarms(truck: cl.Truck, truck_replay: 
     engine = [r for r in alarms if r.data["source_address"] == cl.ENGINE]
     assert all(r.data["lamps"] == {"mil": "off", "red_stop": "off", "amber_warning": "on", "protect": "off"}
                for r in engine)
-    st = driver.status()
+    st = driver.snapshot()
     assert st["vin"] == truck.vin == "LZZ5CLVB8JW123456"
     assert sorted((d["spn"], d["fmi"], d["oc"], d["source_address"]) for d in st["active_dtcs"]) == \
         sorted((d.spn, d.fmi, None if d.oc == 127 else d.oc, cl.ENGINE) for d in cl.ENGINE_DTCS_LATER)
@@ -177,7 +177,7 @@ def test_replay_dm1_changes_become_urgent_alarms(truck: cl.Truck, truck_replay: 
 
 def test_replay_counts_unknown_11bit_and_error_frames(truck: cl.Truck, truck_replay: tuple[Collector, CanBus]) -> None:
     got, driver = truck_replay
-    st = driver.status()
+    st = driver.snapshot()
     assert st["non_j1939_frames"] == truck.std_frames
     assert st["unknown_frames"] >= truck.unknown_ids >= 2
     assert st["error_frames"] >= 1  # the bus error frame (CAN_ERR_BUSERROR in its id)
@@ -194,12 +194,12 @@ def test_replay_ignition_from_bus_silence(truck: cl.Truck, truck_replay: tuple[C
     # Off when the bus fell silent (the driver notes frame times at most every 0.25-0.5 s).
     assert cl.ms(last_before) - 500 <= ign[1].ts_ms <= cl.ms(last_before) + 10_000
     assert ign[2].ts_ms == cl.ms(first_after)
-    assert driver.status()["ignition"] is True
+    assert driver.snapshot()["ignition"] is True
 
 
 def test_no_ignition_readings_unless_configured(truck_log: Path) -> None:
     got, driver = replay(truck_log, **TRUCK_SAMPLING)
-    assert got.stream("ignition") == [] and driver.status()["ignition"] is None
+    assert got.stream("ignition") == [] and driver.snapshot()["ignition"] is None
 
 
 def et1_sequence(coolant: list[cl.Value], sa: int = cl.ENGINE, offset_us: int = 0) -> list[cl.Frame]:
@@ -283,7 +283,7 @@ def test_candump_error_frames_are_counted_with_their_class(tmp_path: Path) -> No
         [cl.error_frame(500_000, cl.CAN_ERR_BUSOFF), cl.error_frame(600_000, cl.CAN_ERR_RESTARTED),
          cl.error_frame(700_000, cl.CAN_ERR_PROT | cl.CAN_ERR_BUSERROR)])
     _got, driver = replay(cl.write_log(tmp_path / "err.log", frames))
-    st = driver.status()
+    st = driver.snapshot()
     assert (st["error_frames"], st["bus_off"], st["unknown_frames"]) == (3, 1, 0)
 
 
@@ -292,7 +292,7 @@ def test_unknown_frames_are_counted_per_frame(tmp_path: Path) -> None:
         cl.periodic(0, 5 * cl.S, 100_000, cl.j1939_id(6, cl.AMB, cl.ENGINE), lambda t: bytes(8)),
         cl.periodic(0, 5 * cl.S, 500_000, cl.j1939_id(6, cl.PROP_B, cl.BODY), lambda t: bytes(8)))
     _got, driver = replay(cl.write_log(tmp_path / "unknown.log", frames))
-    assert driver.status()["unknown_frames"] == len(frames) == 60
+    assert driver.snapshot()["unknown_frames"] == len(frames) == 60
 
 
 # -- anything can.LogReader reads: the same capture as Vector ASC ----------------------------------
@@ -309,7 +309,7 @@ def test_asc_replay_gives_the_same_events_and_state(truck: cl.Truck, truck_log: 
 
     assert events(got_asc) == events(got_log)
     assert {(v["name"], v["sa"]) for v in got_asc.values()} == {(v["name"], v["sa"]) for v in got_log.values()}
-    a, b = drv_asc.status(), drv_log.status()
+    a, b = drv_asc.snapshot(), drv_log.snapshot()
     for key in ("vin", "active_dtcs", "frames", "non_j1939_frames", "transport", "ignition"):
         assert a[key] == b[key], key
     assert a["error_frames"] == len(truck.error_frames)  # ASC keeps "ErrorFrame" (without the class)
@@ -401,7 +401,7 @@ def test_live_frames_are_stamped_by_the_agent_and_nothing_is_sent() -> None:
     driver = CanBus(live_config(ch, ignition=True, ignition_silence_s=1.0), got)
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["opens"] == 1 and driver.connected, what="bus opened")
+            wait_for(lambda: driver.snapshot()["opens"] == 1 and driver.connected, what="bus opened")
             frames = live_frames()
             sent_mono = time.monotonic_ns()
             cl.send(sender, frames)
@@ -418,11 +418,11 @@ def test_live_frames_are_stamped_by_the_agent_and_nothing_is_sent() -> None:
         assert "replay" not in r.meta
         assert sent_mono - 10**8 <= r.meta["mono_ns"] <= time.monotonic_ns(), r
     assert [r.data["spn"] for r in got.stream("alarm")] == [d.spn for d in cl.ENGINE_DTCS]
-    assert driver.status()["vin"] == cl.VIN_TEXT
+    assert driver.snapshot()["vin"] == cl.VIN_TEXT
     assert {v["name"] for v in got.values()} >= {"engine_speed", "wheel_speed", "coolant_temp", "fuel_level"}
     # Listen-only: the spy on the same channel heard exactly what the test sent.
     assert [(m.arbitration_id, bytes(m.data)) for m in heard.msgs] == [(f.can_id, f.data) for f in frames]
-    assert driver.status()["requests_sent"] == 0
+    assert driver.snapshot()["requests_sent"] == 0
 
 
 def test_live_requests_the_vin_when_asked() -> None:
@@ -446,7 +446,7 @@ def test_live_requests_the_vin_when_asked() -> None:
     # Priority 6, PGN 59904 (PDU1: destination global), from 0xF9; data: the PGN, 3 bytes LE.
     assert request.is_extended_id and request.arbitration_id == 0x18EAFFF9 == cl.j1939_id(6, cl.REQUEST, 0xF9)
     assert bytes(request.data) == bytes([0xEC, 0xFE, 0x00]) == cl.VIN.to_bytes(3, "little")
-    assert driver.status()["requests_sent"] == 1
+    assert driver.snapshot()["requests_sent"] == 1
 
 
 def test_live_error_frames_and_bus_off_are_counted() -> None:
@@ -458,12 +458,12 @@ def test_live_error_frames_and_bus_off_are_counted() -> None:
             wait_for(lambda: driver.connected, what="bus opened")
             sender.send(can.Message(is_error_frame=True, arbitration_id=cl.CAN_ERR_PROT | cl.CAN_ERR_BUSERROR))
             sender.send(can.Message(is_error_frame=True, arbitration_id=cl.CAN_ERR_BUSOFF))
-            wait_for(lambda: driver.status()["bus_off"] == 1, what="bus-off")
-            st = driver.status()
+            wait_for(lambda: driver.snapshot()["bus_off"] == 1, what="bus-off")
+            st = driver.snapshot()
             assert st["error_frames"] == 2 and "bus-off" in (st["last_error"] or "")
             sender.send(can.Message(is_error_frame=True, arbitration_id=cl.CAN_ERR_RESTARTED))
-            wait_for(lambda: driver.status()["error_frames"] == 3, what="restarted")
-            st = driver.status()
+            wait_for(lambda: driver.snapshot()["error_frames"] == 3, what="restarted")
+            st = driver.snapshot()
             assert st["bus_off"] == 1 and st["last_error"] is None and st["unknown_frames"] == 0
     finally:
         sender.shutdown()
@@ -481,11 +481,11 @@ def test_live_bus_off_then_silence_reopens_the_interface(monkeypatch: pytest.Mon
         with Running(driver):
             wait_for(lambda: driver.connected, what="bus opened")
             sender.send(can.Message(is_error_frame=True, arbitration_id=cl.CAN_ERR_BUSOFF))
-            wait_for(lambda: driver.status()["opens"] == 2 and driver.connected, what="reopened after bus-off")
-            st = driver.status()
+            wait_for(lambda: driver.snapshot()["opens"] == 2 and driver.connected, what="reopened after bus-off")
+            st = driver.snapshot()
             assert st["bus_off"] == 1 and "reopening" in (st["last_error"] or "")
             time.sleep(1.5)
-            assert driver.status()["opens"] == 2, "one reopen for one bus-off"
+            assert driver.snapshot()["opens"] == 2, "one reopen for one bus-off"
             sender.send(cl.message(cl.Frame(0, cl.j1939_id(3, cl.EEC1, cl.ENGINE), cl.eec1_data(700))))
             wait_for(lambda: [v["value"] for v in got.values("engine_speed")] == [700], what="frames after the reopen")
     finally:
@@ -506,7 +506,7 @@ def test_live_no_reopen_when_frames_followed_the_bus_off(monkeypatch: pytest.Mon
             eec1 = cl.j1939_id(3, cl.EEC1, cl.ENGINE)
             cl.send(sender, cl.periodic(0, 1_200_000, 20_000, eec1, lambda t: cl.eec1_data(700 + 1000 * t)), pace=1)
             time.sleep(1.8)  # then the bus falls silent
-            assert driver.status()["opens"] == 1, driver.status()["last_error"]
+            assert driver.snapshot()["opens"] == 1, driver.snapshot()["last_error"]
     finally:
         sender.shutdown()
 
@@ -551,17 +551,17 @@ def test_live_interface_down_is_retried_reported_and_recovers() -> None:
 
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["open_failures"] >= 3, what="retries")
-            st = driver.status()
+            wait_for(lambda: driver.snapshot()["open_failures"] >= 3, what="retries")
+            st = driver.snapshot()
             assert st["connected"] is False and st["opens"] == 0
             assert "Network is down" in st["last_error"]
             up.set()
-            wait_for(lambda: driver.status()["opens"] == 1 and driver.connected, what="opened")
+            wait_for(lambda: driver.snapshot()["opens"] == 1 and driver.connected, what="opened")
             engine(700)
             wait_for(lambda: [v["value"] for v in got.values("engine_speed")] == [700], what="first value")
             fail.set()  # the interface goes away mid-run
-            wait_for(lambda: driver.status()["opens"] == 2 and driver.connected, what="reopened")
-            assert "Network is down" in driver.status()["last_error"]
+            wait_for(lambda: driver.snapshot()["opens"] == 2 and driver.connected, what="reopened")
+            assert "Network is down" in driver.snapshot()["last_error"]
             engine(1500)
             wait_for(lambda: [v["value"] for v in got.values("engine_speed")] == [700, 1500], what="frames again")
     finally:

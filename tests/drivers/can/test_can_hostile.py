@@ -85,7 +85,7 @@ def test_one_absurd_stamp_changes_nothing_else(tmp_path: Path, stamp: str, where
     stamped.insert(where if where >= 0 else len(stamped), (stamp, cl.Frame(0, AMB, bytes(8))))
     got, driver = replay(write(tmp_path / "hostile.log", stamped))
     assert readings(got) == readings(clean), "the good frames give what they give without it"
-    st = driver.status()
+    st = driver.snapshot()
     assert st["bad_timestamp"] == 1 and st["frames"] == len(stamped) and st["unknown_frames"] == 1
     assert st["capture_clock"] == "capture"
 
@@ -116,7 +116,7 @@ def test_minus_5_first_does_not_hang_a_paced_replay(tmp_path: Path) -> None:
     start = time.monotonic()
     got, driver = replay(write(tmp_path / "neg.log", stamped), timeout=10, replay_speed=1)
     assert time.monotonic() - start < 6, "paced in real time: the capture is 3 s long"
-    assert driver.status()["bad_timestamp"] == 1
+    assert driver.snapshot()["bad_timestamp"] == 1
     assert_sane(got)
 
 
@@ -128,7 +128,7 @@ def test_pacing_never_waits_long_for_one_frame(tmp_path: Path) -> None:
         start = time.monotonic()
         got, driver = replay(cl.write_log(tmp_path / "two-days.log", frames), timeout=10, replay_speed=1)
     assert time.monotonic() - start < 5
-    st = driver.status()
+    st = driver.snapshot()
     assert (st["pacing_capped"], st["time_jumps"], st["bad_timestamp"]) == (1, 1, 0)
     assert max(r.ts_ms for r in got.snapshot()) >= cl.ms(cl.at(day)), "a jump the next frames follow is believed"
 
@@ -140,7 +140,7 @@ def test_a_capture_restarted_earlier_is_sampled_again(tmp_path: Path) -> None:
     values = [(r.ts_ms, v["value"]) for r in got.snapshot() for v in r.data["values"] if v["name"] == "coolant_temp"]
     assert values == [(cl.ms(later[0].ts), 80), (cl.ms(earlier[0].ts), 70), (cl.ms(earlier[1].ts), 73),
                       (cl.ms(earlier[2].ts), 76)]
-    assert driver.status()["time_jumps"] == 1
+    assert driver.snapshot()["time_jumps"] == 1
 
 
 def test_a_dated_frame_in_a_relative_capture_dates_nothing(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_a_dated_frame_in_a_relative_capture_dates_nothing(tmp_path: Path) -> No
     lines.insert(10, cl.screen_line(cl.Frame(0, AMB, bytes(8)), "1700000000.000000"))
     path.write_text("\n".join(lines) + "\n")
     got, driver = replay(path)
-    st = driver.status()
+    st = driver.snapshot()
     assert st["bad_timestamp"] == 1 and st["capture_clock"] == "agent"
     assert got.snapshot() and all(r.ts_ms is None for r in got.snapshot())
 
@@ -180,7 +180,7 @@ def test_any_stamps_never_raise_hang_or_date_absurdly(tmp_path: Path, stamped: l
     path = write(tmp_path / "any.log", [(s if isinstance(s, str) else repr(s), f) for s, f in stamped])
     with mock.patch.object(drivers.can.bus, "MAX_PACE_S", 0.01):
         got, driver = replay(path, replay_speed=speed)
-    assert driver.status()["frames"] == len(stamped)
+    assert driver.snapshot()["frames"] == len(stamped)
     assert_sane(got)
 
 
@@ -197,7 +197,7 @@ def test_isolated_absurd_stamps_change_no_reading(tmp_path: Path, inserts: list[
     stamped = [(repr(f.ts) if s == "X" else s, f) for s, f in stamped]
     got, driver = replay(write(tmp_path / "hostile.log", stamped))
     assert readings(got) == readings(clean)
-    assert driver.status()["bad_timestamp"] == len(stamped) - len(frames)
+    assert driver.snapshot()["bad_timestamp"] == len(stamped) - len(frames)
 
 
 @settings(max_examples=1500, deadline=None)
@@ -253,10 +253,10 @@ def test_live_frames_with_any_stamps_never_raise_and_are_dated_by_the_agent(stam
                               ignition_silence_s=0.05), got, bus_factory=lambda: FakeBus(msgs))
     with Running(driver):
         deadline = time.monotonic() + 5
-        while driver.status()["frames"] < len(stamped) and time.monotonic() < deadline:
+        while driver.snapshot()["frames"] < len(stamped) and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(0.05)
-    assert driver.status()["frames"] == len(stamped)
+    assert driver.snapshot()["frames"] == len(stamped)
     for r in got.snapshot():
         assert r.ts_ms is None
         assert start - int(drivers.can.bus.MAX_AGE_S * 1e9) <= r.meta["mono_ns"] <= time.monotonic_ns()

@@ -112,7 +112,7 @@ def test_the_issues_candump_ta_text_in_a_log_has_its_data(tmp_path: Path) -> Non
     assert times.trusted is False, "(000.000000) counts from the capture's start: no date"
     readings, driver = replay(path, min_interval_s=0)
     assert [v for n, _sa, v in values_of(readings) if n == "engine_speed"] == [700.0]
-    assert driver.status()["frames"] == 5
+    assert driver.snapshot()["frames"] == 5
 
 
 def test_compressed_and_utf16_captures_are_read(tmp_path: Path) -> None:
@@ -187,10 +187,10 @@ def test_driver_decodes_every_form_like_the_log(tmp_path: Path, form: str) -> No
     sampling = {"min_interval_s": 0.05, "max_interval_s": 0}
     want, ref = replay(cl.write_log(tmp_path / "ref.log", SHORT), **sampling)
     got, driver = replay(write_form(tmp_path, form, SHORT, "capture.txt"), **sampling)
-    st = driver.status()
+    st = driver.snapshot()
     for k in ("frames", "non_j1939_frames", "error_frames", "bus_off", "unknown_frames", "vin", "active_dtcs",
               "transport"):
-        assert st[k] == ref.status()[k], k
+        assert st[k] == ref.snapshot()[k], k
     assert st["bad_timestamp"] == 0 and st["skipped_lines"] == {}
     if form == "none":  # timed as read: everything is "now", so a sampler sends less
         assert {v[:2] for v in values_of(got)} <= {v[:2] for v in values_of(want)}

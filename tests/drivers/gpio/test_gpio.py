@@ -137,14 +137,14 @@ def test_the_driver_reports_the_state_then_each_debounced_change() -> None:
         t_off = line.push(False)
         wait_for(lambda: len(got.readings) == 3, "ignition off")
         time.sleep(0.1)  # nothing more comes
-        st = driver.status()
+        st = driver.snapshot()
 
     assert got.states() == [False, True, False]
     assert [r.meta["mono_ns"] for r in got.readings[1:]] == [t_held, t_off]
     assert all(r.stream == "ignition" and r.ts_ms is None for r in got.readings)
     assert st["connected"] is True and st["opens"] == 1 and st["open_failures"] == 0
     assert st["state"] is False and st["changes"] == 2 and st["last_error"] is None
-    assert driver.status()["connected"] is False and line.closed
+    assert driver.snapshot()["connected"] is False and line.closed
 
 
 def test_a_missing_chip_is_retried_and_reported_until_it_appears() -> None:
@@ -161,8 +161,8 @@ def test_a_missing_chip_is_retried_and_reported_until_it_appears() -> None:
     got = Collector()
     driver = ignition(got, factory)
     with Running(driver):
-        wait_for(lambda: driver.status()["open_failures"] >= 3, "retries")
-        st = driver.status()
+        wait_for(lambda: driver.snapshot()["open_failures"] >= 3, "retries")
+        st = driver.snapshot()
         assert st["connected"] is False and st["state"] is None and st["opens"] == 0
         assert "no GPIO chip labelled 'pinctrl-bcm2711'" in st["last_error"]
         assert got.readings == []
@@ -170,7 +170,7 @@ def test_a_missing_chip_is_retried_and_reported_until_it_appears() -> None:
         wait_for(lambda: got.states() == [True], "the initial state")
         t_off = line.push(False)
         wait_for(lambda: got.states() == [True, False], "ignition off")
-        assert driver.status()["connected"] is True and driver.status()["opens"] == 1
+        assert driver.snapshot()["connected"] is True and driver.snapshot()["opens"] == 1
     assert got.readings[-1].meta["mono_ns"] == t_off
 
 
@@ -180,8 +180,8 @@ def test_the_default_source_names_the_missing_chip() -> None:
     pytest.importorskip("gpiod")
     driver = GpioIgnition(IgnitionConfig(chip="no-such-label"), Collector())
     with Running(driver):
-        wait_for(lambda: driver.status()["open_failures"] >= 1, "an open failure")
-    assert "no GPIO chip labelled 'no-such-label' (found: none)" in driver.status()["last_error"]
+        wait_for(lambda: driver.snapshot()["open_failures"] >= 1, "an open failure")
+    assert "no GPIO chip labelled 'no-such-label' (found: none)" in driver.snapshot()["last_error"]
 
 
 def test_a_line_that_fails_while_running_is_closed_and_reopened() -> None:
@@ -201,14 +201,14 @@ def test_a_line_that_fails_while_running_is_closed_and_reopened() -> None:
         lines[0].fail()
         wait_for(lambda: got.states() == [False, True], "the state after the reopen")
         assert lines[0].closed
-        assert "lost" in driver.status()["last_error"] and "No such device" in driver.status()["last_error"]
+        assert "lost" in driver.snapshot()["last_error"] and "No such device" in driver.snapshot()["last_error"]
         lines[1].fail()
-        wait_for(lambda: len(opened) == 3 and driver.status()["connected"], "the second reopen")
+        wait_for(lambda: len(opened) == 3 and driver.snapshot()["connected"], "the second reopen")
         time.sleep(0.05)
         assert got.states() == [False, True]
         t_off = lines[2].push(False)
         wait_for(lambda: got.states() == [False, True, False], "ignition off")
-        st = driver.status()
+        st = driver.snapshot()
     assert lines[1].closed and got.readings[-1].meta["mono_ns"] == t_off
     assert st["opens"] == 3 and st["open_failures"] == 0 and st["changes"] == 2
 
@@ -285,7 +285,7 @@ def test_ignition_off_parks_the_lorry_through_the_pipeline(tmp_path: Path) -> No
         line = FakeLine(True)
         driver = GpioIgnition(cfg.ignition, pipeline.emit, source_factory=lambda: line)
         with Running(driver):
-            wait_for(lambda: driver.status()["state"] is True, "the initial state")
+            wait_for(lambda: driver.snapshot()["state"] is True, "the initial state")
             position(48.2000)  # the first fix: always reported
             time.sleep(0.01)
             position(48.2001)  # 11 m on, a moment later: not reported

@@ -70,7 +70,7 @@ def test_replay_yields_one_reading_per_fix(tmp_path: Path, name: str) -> None:
         assert reading.data["speed_kmh"] == pytest.approx(f.speed_kmh, abs=0.02)
         assert reading.data["alt_m"] == f.alt_m and reading.data["sats"] == f.sats
         assert reading.data["fix"] == "gps"
-    st = driver.status()
+    st = driver.snapshot()
     header = 3  # the '#' comment lines of a capture file
     assert st["fixes"] == len(truth) and st["lines"] == 2 * len(truth) + header
     assert st["garbage"] == st["bad_checksum"] == st["bad_field"] == 0
@@ -145,8 +145,8 @@ def test_serial_pty_readings_and_damage_counted() -> None:
     driver = NmeaGps(gps_config(pty.path), got)
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["connected"], what="port open")
-            st = driver.status()
+            wait_for(lambda: driver.snapshot()["connected"], what="port open")
+            st = driver.snapshot()
             assert st["opens"] == 1 and st["open_failures"] == 0 and st["source"] == pty.path
             good = [TRUTH[0], TRUTH[1], TRUTH[3], TRUTH[4]]
             pty.write(epoch_lines(TRUTH[0]))
@@ -164,7 +164,7 @@ def test_serial_pty_readings_and_damage_counted() -> None:
             pty.write(epoch_lines(TRUTH[4]))
             want = [ms(f.ts) for f in good]
             wait_for(lambda: got.ts() == want, what=f"readings {want}, have {got.ts()}")
-            st = driver.status()
+            st = driver.snapshot()
             assert st["bad_checksum"] == 2
             assert st["garbage"] == 2
             assert st["ignored"] == 1
@@ -186,12 +186,12 @@ def test_serial_overlong_line_is_counted_as_garbage() -> None:
     driver = NmeaGps(gps_config(pty.path), got)
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["connected"], what="port open")
+            wait_for(lambda: driver.snapshot()["connected"], what="port open")
             pty.write(b"x" * 1000)  # a lost newline: never one line
             pty.write("\r\n" + epoch_lines(TRUTH[0]) + epoch_lines(TRUTH[1]))
             wait_for(lambda: len(got.readings) >= 1, what="reading after noise")
             assert got.ts()[0] == ms(TRUTH[0].ts)
-            assert driver.status()["garbage"] >= 1
+            assert driver.snapshot()["garbage"] >= 1
     finally:
         pty.close()
 
@@ -202,7 +202,7 @@ def test_last_epoch_comes_out_when_the_receiver_goes_quiet() -> None:
     driver = NmeaGps(gps_config(pty.path), got)
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["connected"], what="port open")
+            wait_for(lambda: driver.snapshot()["connected"], what="port open")
             pty.write(epoch_lines(TRUTH[0]))  # first epoch: its sentence set is not known yet
             wait_for(lambda: got.ts() == [ms(TRUTH[0].ts)], timeout=4, what="fix after quiet")
     finally:
@@ -218,16 +218,16 @@ def test_vanished_device_is_reported_and_reopened(tmp_path: Path) -> None:
     driver = NmeaGps(gps_config(str(link)), got)
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["connected"], what="port open")
+            wait_for(lambda: driver.snapshot()["connected"], what="port open")
             first.write(epoch_lines(TRUTH[0]) + epoch_lines(TRUTH[1]))
             wait_for(lambda: got.ts() == [ms(TRUTH[0].ts), ms(TRUTH[1].ts)], what="first readings")
 
             # Unplugged: the device node goes away and the line hangs up.
             link.unlink()
             first.close()
-            wait_for(lambda: not driver.status()["connected"], what="connected False")
-            wait_for(lambda: driver.status()["open_failures"] >= 2, what="failed reopens")
-            st = driver.status()
+            wait_for(lambda: not driver.snapshot()["connected"], what="connected False")
+            wait_for(lambda: driver.snapshot()["open_failures"] >= 2, what="failed reopens")
+            st = driver.snapshot()
             assert st["connected"] is False
             assert st["opens"] == 1
             assert st["last_error"] and str(link) in st["last_error"]
@@ -236,12 +236,12 @@ def test_vanished_device_is_reported_and_reopened(tmp_path: Path) -> None:
             # Plugged in again: a new device behind the same name.
             second = Pty()
             link.symlink_to(second.path)
-            wait_for(lambda: driver.status()["connected"], what="reconnected")
-            assert driver.status()["opens"] == 2
+            wait_for(lambda: driver.snapshot()["connected"], what="reconnected")
+            assert driver.snapshot()["opens"] == 2
             second.write(epoch_lines(TRUTH[2]) + epoch_lines(TRUTH[3]))
             want = [ms(f.ts) for f in TRUTH[:4]]
             wait_for(lambda: got.ts() == want, what=f"readings resume: {want}, have {got.ts()}")
-            assert driver.status()["fixes"] == 4
+            assert driver.snapshot()["fixes"] == 4
     finally:
         first.close()
         if second is not None:
@@ -252,8 +252,8 @@ def test_port_that_never_existed_is_retried_and_reported(tmp_path: Path) -> None
     got = Collector()
     driver = NmeaGps(gps_config(str(tmp_path / "nothing")), got)
     with Running(driver):
-        wait_for(lambda: driver.status()["open_failures"] >= 3, what="retries")
-        st = driver.status()
+        wait_for(lambda: driver.snapshot()["open_failures"] >= 3, what="retries")
+        st = driver.snapshot()
         assert st["connected"] is False and st["opens"] == 0
         assert "cannot open" in st["last_error"]
     assert got.readings == []
@@ -270,18 +270,18 @@ def test_replugged_receiver_under_another_name_is_found_by_glob(tmp_path: Path) 
     driver = NmeaGps(gps_config(str(by_id / "usb-u-blox*")), got)
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["connected"], what="port open")
-            assert driver.status()["device"] == str(by_id / "usb-u-blox_GNSS_receiver-if00-port0")
+            wait_for(lambda: driver.snapshot()["connected"], what="port open")
+            assert driver.snapshot()["device"] == str(by_id / "usb-u-blox_GNSS_receiver-if00-port0")
             first.write(epoch_lines(TRUTH[0]))
             first.write(epoch_lines(TRUTH[1]))
             wait_for(lambda: len(got.readings) == 2, what="first readings")
             (by_id / "usb-u-blox_GNSS_receiver-if00-port0").unlink()
             first.close()
-            wait_for(lambda: "no device matches" in (driver.status()["last_error"] or ""), what="reported gone")
+            wait_for(lambda: "no device matches" in (driver.snapshot()["last_error"] or ""), what="reported gone")
             second = Pty()
             (by_id / "usb-u-blox_GNSS_receiver-if01-port0").symlink_to(second.path)
-            wait_for(lambda: driver.status()["connected"], what="found again")
-            assert driver.status()["device"].endswith("if01-port0")
+            wait_for(lambda: driver.snapshot()["connected"], what="found again")
+            assert driver.snapshot()["device"].endswith("if01-port0")
             second.write(epoch_lines(TRUTH[2]) + epoch_lines(TRUTH[3]))
             wait_for(lambda: len(got.readings) == 4, what="readings resume")
     finally:

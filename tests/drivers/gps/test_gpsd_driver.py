@@ -187,7 +187,7 @@ def test_real_gpsd_matches_reference(
                 if len(ts) != seen:
                     seen, since = len(ts), time.monotonic()
                 time.sleep(0.05)
-            status = driver.status()
+            status = driver.snapshot()
     finally:
         stop_gpsfake(proc, port)
 
@@ -322,7 +322,7 @@ def test_fake_gpsd_damage_non_positions_and_epochs() -> None:
         with Running(driver):
             wait_for(lambda: len(out.ts()) == 3, what="three positions")
             time.sleep(0.5)
-            status = driver.status()
+            status = driver.snapshot()
     finally:
         server.close()
     assert server.commands[0].startswith(b'?WATCH={"enable":true,"json":true}')
@@ -356,7 +356,7 @@ def test_fake_gpsd_closing_is_reconnected() -> None:
         with Running(driver):
             wait_for(lambda: len(out.ts()) == 4, what="positions after the reconnection")
             time.sleep(0.5)
-            status = driver.status()
+            status = driver.snapshot()
     finally:
         server.close()
     assert out.ts() == [T0, T0 + 1000, T0 + 2000, T0 + 3000]
@@ -372,13 +372,13 @@ def test_nothing_listening_is_retried_and_reported() -> None:
     try:
         with Running(driver):
             wait_for(lambda: driver.open_failures >= 3, what="retries")
-            status = driver.status()
+            status = driver.snapshot()
             assert not status["connected"] and status["opens"] == 0
             assert status["source"] == f"gpsd://127.0.0.1:{port}"
             assert "cannot connect" in status["last_error"]
             server = FakeGpsd([[tpv(T0)]], port=port)  # gpsd comes up
             wait_for(lambda: out.ts() == [T0], what="a position once gpsd is up")
-            assert driver.status()["connected"] and driver.opens == 1
+            assert driver.snapshot()["connected"] and driver.opens == 1
     finally:
         if server is not None:
             server.close()

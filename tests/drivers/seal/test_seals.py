@@ -75,13 +75,13 @@ def test_a_door_reports_its_state_then_each_debounced_change() -> None:
         t_closed = line.push(False)
         wait_for(lambda: got.events() == ["sealed", "opened", "sealed"], "closed again")
         time.sleep(0.1)
-        st_ = driver.status()
+        st_ = driver.snapshot()
     assert got.events() == ["sealed", "opened", "sealed"]
     assert [r.meta["mono_ns"] for r in got.readings[1:]] == [t_held, t_closed]
     assert all(r.urgent and r.stream == "seal" and r.ts_ms is None for r in got.readings)
     assert st_["state"] == "sealed" and st_["events"] == 3 and st_["connected"] is True
     assert st_["opens"] == 1 and st_["open_failures"] == 0 and st_["last_error"] is None
-    assert line.closed and driver.status()["connected"] is False
+    assert line.closed and driver.snapshot()["connected"] is False
 
 
 def test_a_cut_wire_loop_is_tampered() -> None:
@@ -94,7 +94,7 @@ def test_a_cut_wire_loop_is_tampered() -> None:
         wait_for(lambda: got.events() == ["tampered", "sealed"], "loop intact")
         line.push(True)
         wait_for(lambda: got.events() == ["tampered", "sealed", "tampered"], "loop cut")
-    assert driver.status()["state"] == "tampered"
+    assert driver.snapshot()["state"] == "tampered"
 
 
 def test_a_missing_chip_is_retried_then_the_state_reported() -> None:
@@ -109,15 +109,15 @@ def test_a_missing_chip_is_retried_then_the_state_reported() -> None:
     got = Collector()
     driver = gpio_seal(got, factory)
     with Running(driver):
-        wait_for(lambda: driver.status()["open_failures"] >= 3, "retries")
-        st_ = driver.status()
+        wait_for(lambda: driver.snapshot()["open_failures"] >= 3, "retries")
+        st_ = driver.snapshot()
         assert st_["connected"] is False and st_["state"] is None and st_["opens"] == 0
         assert "no GPIO chip labelled" in st_["last_error"] and got.readings == []
         present.set()
         wait_for(lambda: got.events() == ["sealed"], "the state once the chip is there")
         line.push(True)
         wait_for(lambda: got.events() == ["sealed", "opened"], "opened")
-    assert driver.status()["opens"] == 1
+    assert driver.snapshot()["opens"] == 1
 
 
 def test_a_line_lost_while_running_reports_only_a_change_after_reopening() -> None:
@@ -134,11 +134,11 @@ def test_a_line_lost_while_running_reports_only_a_change_after_reopening() -> No
         wait_for(lambda: got.events() == ["sealed"], "the initial state")
         lines[0].fail()  # gone; back open: the door was opened meanwhile
         wait_for(lambda: got.events() == ["sealed", "opened"], "the change while it was gone")
-        assert "lost" in driver.status()["last_error"]
+        assert "lost" in driver.snapshot()["last_error"]
         lines[1].fail()  # gone; back still open: nothing new
-        wait_for(lambda: len(opened) == 3 and driver.status()["connected"], "the second reopen")
+        wait_for(lambda: len(opened) == 3 and driver.snapshot()["connected"], "the second reopen")
         time.sleep(0.05)
-    assert got.events() == ["sealed", "opened"] and driver.status()["opens"] == 3
+    assert got.events() == ["sealed", "opened"] and driver.snapshot()["opens"] == 3
 
 
 @pytest.mark.parametrize("opened_when, active_low", [("high", False), ("low", True)])
@@ -275,7 +275,7 @@ def test_reader_state_changes_battery_low_and_bad_lines() -> None:
     driver = serial_seal(pty.path, got)
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["connected"], "port open")
+            wait_for(lambda: driver.snapshot()["connected"], "port open")
             before = time.monotonic_ns()
             pty.write(sentence("ES-1", "SEALED", 80))
             wait_for(lambda: got.events() == ["sealed"], "the first state heard")
@@ -302,7 +302,7 @@ def test_reader_state_changes_battery_low_and_bad_lines() -> None:
                     ("ES-1", "battery_low"), ("ES-1", "tampered"), ("ES-2", "sealed")]
             wait_for(lambda: got.pairs() == want, f"events {want}, have {got.pairs()}")
             time.sleep(0.2)
-            st_ = driver.status()
+            st_ = driver.snapshot()
         assert got.pairs() == want
         assert [r.data["battery_pct"] for r in got.readings] == [80, 78, 19, 15, 15, None]
         assert all(r.urgent and r.ts_ms is None and "mono_ns" in r.meta for r in got.readings)
@@ -323,11 +323,11 @@ def test_noise_without_line_ends_is_dropped_and_counted() -> None:
     driver = serial_seal(pty.path, got)
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["connected"], "port open")
+            wait_for(lambda: driver.snapshot()["connected"], "port open")
             pty.write(b"x" * 1000)
             pty.write(b"\r\n" + sentence("ES-1", "OPEN", 50))
             wait_for(lambda: got.events() == ["opened"], "the event after the noise")
-            assert driver.status()["garbage"] >= 1
+            assert driver.snapshot()["garbage"] >= 1
     finally:
         pty.close()
 
@@ -340,23 +340,23 @@ def test_a_vanished_reader_is_reopened_and_its_seals_remembered(tmp_path: Path) 
     driver = serial_seal(str(link), got)
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["connected"], "port open")
+            wait_for(lambda: driver.snapshot()["connected"], "port open")
             first.write(sentence("ES-1", "SEALED", 90))
             wait_for(lambda: got.events() == ["sealed"], "the first state")
 
             link.unlink()  # unplugged: the node goes and the line hangs up
             first.close()
-            wait_for(lambda: driver.status()["open_failures"] >= 2, "failed reopens")
-            st_ = driver.status()
+            wait_for(lambda: driver.snapshot()["open_failures"] >= 2, "failed reopens")
+            st_ = driver.snapshot()
             assert st_["connected"] is False and st_["opens"] == 1
             assert "cannot open" in st_["last_error"] and str(link) in st_["last_error"]
 
             second = Pty()
             link.symlink_to(second.path)
-            wait_for(lambda: driver.status()["connected"], "reconnected")
+            wait_for(lambda: driver.snapshot()["connected"], "reconnected")
             second.write(sentence("ES-1", "SEALED", 90) + sentence("ES-1", "OPEN", 90))
             wait_for(lambda: got.events() == ["sealed", "opened"], "only the change after reopening")
-            assert driver.status()["opens"] == 2
+            assert driver.snapshot()["opens"] == 2
     finally:
         first.close()
         if second is not None:
@@ -367,16 +367,16 @@ def test_a_port_that_never_existed_is_retried_and_a_silent_reader_is_fine(tmp_pa
     got = Collector()
     driver = serial_seal(str(tmp_path / "nothing"), got)
     with Running(driver):
-        wait_for(lambda: driver.status()["open_failures"] >= 3, "retries")
-    assert driver.status()["opens"] == 0 and got.readings == []
+        wait_for(lambda: driver.snapshot()["open_failures"] >= 3, "retries")
+    assert driver.snapshot()["opens"] == 0 and got.readings == []
 
     pty = Pty()
     driver = serial_seal(pty.path, got)
     try:
         with Running(driver):
-            wait_for(lambda: driver.status()["connected"], "port open")
+            wait_for(lambda: driver.snapshot()["connected"], "port open")
             time.sleep(1.2)  # more than two read timeouts with nothing said
-            st_ = driver.status()
+            st_ = driver.snapshot()
         assert st_["connected"] and st_["last_error"] is None and st_["silent_s"] is None and got.readings == []
     finally:
         pty.close()
@@ -418,7 +418,7 @@ def test_sim_events_come_at_their_time_in_the_replayed_trip() -> None:
 
     with Running(driver):
         time.sleep(0.15)
-        assert got.readings == [] and driver.status()["lorry_time"] is None  # no time yet
+        assert got.readings == [] and driver.snapshot()["lorry_time"] is None  # no time yet
         replay_at(0)
         time.sleep(0.15)
         assert got.readings == []
@@ -430,7 +430,7 @@ def test_sim_events_come_at_their_time_in_the_replayed_trip() -> None:
         replay_at(22)
         wait_for(lambda: got.events() == ["sealed", "opened", "battery_low"], "opened and battery_low")
         time.sleep(0.15)
-        st_ = driver.status()
+        st_ = driver.snapshot()
     assert got.events() == ["sealed", "opened", "battery_low"]
     assert [r.ts_ms for r in got.readings] == [T0_MS + 10_000, T0_MS + 21_000, T0_MS + 21_000]
     assert got.readings[0] == Reading(
@@ -471,10 +471,10 @@ def test_sim_waits_for_the_replay_time_rather_than_play_a_past_trip_on_todays_da
     assert clock.stamp().ts_ms > T0_MS + 300_000  # today is after the scripted trip
     with Running(driver):
         time.sleep(0.3)
-        assert got.readings == [] and driver.status()["lorry_time"] is None
+        assert got.readings == [] and driver.snapshot()["lorry_time"] is None
         clock.observe_gps(T0_MS, time.monotonic_ns())  # the replay's first fix
         time.sleep(0.15)
-        assert got.readings == [] and driver.status()["lorry_time"].startswith("2026-11-21T16:00:00")
+        assert got.readings == [] and driver.snapshot()["lorry_time"].startswith("2026-11-21T16:00:00")
         clock.observe_gps(T0_MS + 301_000, time.monotonic_ns())
         wait_for(lambda: got.events() == ["opened"], "the event at its trip time")
     assert got.readings[0].ts_ms == T0_MS + 300_000

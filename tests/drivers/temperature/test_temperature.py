@@ -61,7 +61,7 @@ def test_a_read_gives_a_value_or_the_reason(tmp_path: Path, files: dict[str, str
     reading = driver.sample()
     assert reading == Reading("temperature", None, {"sensor": "reefer", "c": want[0], "error": want[1]})
     assert got.readings == [reading] and isinstance(reading.meta["mono_ns"], int)
-    st_ = driver.status()
+    st_ = driver.snapshot()
     assert st_["reads"] == 1 and st_["ok"] == (want[1] is None) and st_["error"] == want[1]
     assert {k: st_[k] for k in ERRORS} == {k: int(k == want[1]) for k in ERRORS}
 
@@ -70,17 +70,17 @@ def test_missing_sensor_and_missing_bus_say_which(tmp_path: Path) -> None:
     (tmp_path / "w1").mkdir()
     driver = ds18b20(tmp_path / "w1", Collector())
     assert driver.sample().data["error"] == "missing"
-    assert f"no sensor {SENSOR} on the 1-Wire bus" in driver.status()["last_error"]
+    assert f"no sensor {SENSOR} on the 1-Wire bus" in driver.snapshot()["last_error"]
     driver = ds18b20(tmp_path / "no-bus", Collector())
     assert driver.sample().data["error"] == "missing"
-    assert "no 1-Wire bus at" in driver.status()["last_error"] and "w1-gpio" in driver.status()["last_error"]
+    assert "no 1-Wire bus at" in driver.snapshot()["last_error"] and "w1-gpio" in driver.snapshot()["last_error"]
 
 
 def test_an_unreadable_file_is_an_io_error(tmp_path: Path) -> None:
     (sensor(tmp_path, {}) / "w1_slave").mkdir()  # reading it fails with an OSError (EISDIR)
     driver = ds18b20(tmp_path, Collector())
     assert driver.sample().data == {"sensor": "reefer", "c": None, "error": "io_error"}
-    assert "cannot read" in driver.status()["last_error"]
+    assert "cannot read" in driver.snapshot()["last_error"]
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
@@ -109,7 +109,7 @@ def test_every_interval_a_reading_through_unplug_and_replug(tmp_path: Path) -> N
         wait_for(lambda: got.values()[-1] == (None, "reset_value"), "the power-on value")
         sensor(tmp_path, {"w1_slave": w1_slave(4312)})
         wait_for(lambda: got.values()[-1] == (4.31, None), "readings again")
-        st_ = driver.status()
+        st_ = driver.snapshot()
     assert st_["crc"] >= 1 and st_["missing"] >= 3 and st_["reset_value"] >= 1
     assert st_["reads"] == st_["ok"] + sum(st_[k] for k in ERRORS)
     assert st_["last_c"] == 4.31 and st_["error"] is None and "power-on value" in st_["last_error"]
@@ -179,4 +179,4 @@ def test_sim_emits_readings_at_sim_times() -> None:
     assert got.values() == [(round(4.0 + 0.6 * m, 2), None) for m in range(11)] + [(8.8, None)]
     assert got.readings[0] == Reading("temperature", T0_MS, {"sensor": "reefer", "c": 4.0, "error": None})
     assert all(r.meta == {"replay": True} for r in got.readings)
-    assert driver.finite is False and driver.status()["readings"] == 12
+    assert driver.finite is False and driver.snapshot()["readings"] == 12
