@@ -34,7 +34,9 @@ from typing import Any, NoReturn
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# Also run as a script in the guest (``python tests/vm/test_vm_hardware.py SCENARIO``): then only
+# this folder is on the path, and the test kit (tests/) and this tree's agent are needed too.
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1]), str(Path(__file__).parents[2])]
 
 import vmkit  # noqa: E402
 
