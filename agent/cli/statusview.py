@@ -1,7 +1,9 @@
 """``lorry-agent status``: what a technician needs to see, read from the store file.
 
-Works whether or not the agent is running: the daemon keeps its status in the store's
-``state`` table, and the buffer itself is the truth about what has not been sent.
+Works whether or not the agent is running: the daemon keeps its snapshot in a file in RAM
+while it runs under systemd (agent/daemon/snapshot.py), and in the store's ``state`` table at
+start and stop (or all the time without a runtime directory); the buffer itself is the truth
+about what has not been sent.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agent.daemon.snapshot import SNAPSHOT_KEY, read_live
 from agent.model.reading import iso_ms
 from agent.store.buffer import buffer_summary
 
@@ -28,7 +31,10 @@ def collect(store_path: Path) -> dict[str, Any]:
         state = dict(conn.execute("SELECT key, value FROM state").fetchall())
     finally:
         conn.close()
-    agent: dict[str, Any] = json.loads(state.get("status", "null")) or {}
+    agent: dict[str, Any] = json.loads(state.get(SNAPSHOT_KEY, "null")) or {}
+    live = read_live(state)
+    if live is not None and _number(live.get("updated")) > _number(agent.get("updated")):
+        agent = live
     updated: Any = agent.get("updated")  # the status's wall time (a float), if any
     return {
         "store": str(store_path),
@@ -137,3 +143,7 @@ def _refusals(driver: dict[str, Any]) -> dict[str, dict[str, int]]:
 
 def _iso(wall: float | None) -> str | None:
     return iso_ms(int(wall * 1000)) if wall else None
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0

@@ -18,6 +18,7 @@ from typing import IO, Any
 from agent import __version__
 from agent.config import SOURCE_KINDS, Config
 from agent.daemon.health import driver_status, health_reading
+from agent.daemon.snapshot import LIVE_FILE_KEY, SNAPSHOT_KEY, LiveSnapshot, runtime_file
 from agent.daemon.systemd import Notifier
 from agent.model.backoff import backoff_delay
 from agent.model.chain import Chain, read_key
@@ -35,7 +36,6 @@ from drivers.base import Driver
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_KEY = "status"  # the state-table row `lorry-agent status` reads (cli/statusview.py)
 TICK_S = 1.0
 RESTART_BACKOFF_S = (1.0, 60.0)
 """A crashed driver is restarted after this capped, jittered backoff (first, longest)."""
@@ -118,6 +118,10 @@ class Agent:
                 window_s=config.commands.window_s,
                 state_path=self.store.path.with_name(self.store.path.name + ".commands"),
             )
+        live = None if dry_run else runtime_file()
+        self.live = LiveSnapshot(live) if live is not None else None
+        """The running agent's snapshot in RAM (agent/daemon/snapshot.py); None: kept in the store."""
+        self.store.set_state(LIVE_FILE_KEY, str(live or ""))
         self.notifier = Notifier()
         self.started_wall = time.time()
         self.started_mono = time.monotonic()
@@ -154,6 +158,7 @@ class Agent:
                 "kind": "store_damaged", "state": "raised", "severity": "critical", "moved_to": path,
                 "detail": "the buffer failed its integrity check at start; a new one was started",
             }))
+        self._save_snapshot(to_store=True)  # `status` after a reboot shows this run began
         self.uplink.start()  # sinks before sources
         for i, driver in enumerate(self.drivers):
             t = threading.Thread(target=self._drive, args=(i, driver), name=f"driver-{driver.kind}", daemon=True)
@@ -296,11 +301,13 @@ class Agent:
         for t in self._driver_threads:
             t.join(DRIVER_STOP_S)
         self.store.flush()
-        self._save_snapshot()
+        self._save_snapshot(to_store=True)
         self.uplink.stop(timeout=10)
         self.stopped_wall = time.time()
-        self._save_snapshot()
+        self._save_snapshot(to_store=True)
         self.store.close()
+        if self.live is not None:
+            self.live.remove()
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
         log.info("lorry-agent stopped")
@@ -341,8 +348,13 @@ class Agent:
             },
         }
 
-    def _save_snapshot(self) -> None:
-        self.store.set_state(SNAPSHOT_KEY, json.dumps(self.snapshot(), default=str))
+    def _save_snapshot(self, *, to_store: bool = False) -> None:
+        """Every tick to the live file when there is one (RAM), else, and at start and stop, to
+        the store (written with its next commit)."""
+        snapshot = self.snapshot()
+        if not to_store and self.live is not None and self.live.write(snapshot):
+            return
+        self.store.set_state(SNAPSHOT_KEY, json.dumps(snapshot, default=str))
 
 
 def run(config: Config, *, dry_run: bool = False, until_drained: bool = False) -> int:
