@@ -48,7 +48,6 @@ from drivers.can.j1939.ids import pgn_match
 
 log = logging.getLogger(__name__)
 
-CAN_EFF_FLAG = 0x80000000
 CAN_RTR_FLAG = 0x40000000
 CAN_RAW_FILTER_MAX = 512  # linux/can/raw.h: more entries than this are refused
 # Between two batches. Why 50 ms: see the module's docstring.
@@ -85,23 +84,6 @@ def kernel_filters(pgns: Iterable[int]) -> list[can.typechecking.CanFilter] | No
         if m is not None:
             out.append({"can_id": m[0], "can_mask": m[1] | CAN_RTR_FLAG, "extended": True})
     return out if len(out) <= CAN_RAW_FILTER_MAX else None
-
-
-def accepts(filters: list[can.typechecking.CanFilter] | None, can_id: int, *, extended: bool = True,
-            remote: bool = False) -> bool:
-    """Whether the kernel passes a (non-error) frame: linux/net/can/af_can.c's test, on the
-    flags python-can's ``pack_filters`` adds. For tests and the benchmark."""
-    if filters is None:
-        return True
-    raw = can_id | (CAN_EFF_FLAG if extended else 0) | (CAN_RTR_FLAG if remote else 0)
-    for f in filters:
-        fid, mask = f["can_id"], f["can_mask"]
-        if "extended" in f:
-            mask |= CAN_EFF_FLAG
-            fid |= CAN_EFF_FLAG if f["extended"] else 0
-        if raw & mask == fid & mask:
-            return True
-    return False
 
 
 class Kernel:
