@@ -3,7 +3,10 @@
 Listen-only: nothing is ever sent unless ``[can] requests`` asks for it. The frame loop is the
 agent's hottest path (up to ~4,000 frames/s on a loaded 500 kbit/s bus, on a slow ARM board),
 so per frame it does one dict lookup by identifier and one time comparison; a parameter is
-decoded only when its sampler is due (see drivers/can/j1939/sampler.py).
+decoded only when its sampler is due (see drivers/can/j1939/sampler.py). On SocketCAN the
+kernel drops the PGNs nothing decodes before they reach the process, and the bus is read in
+batches ~20 times a second (drivers/can/live.py); a paced replay is read the same way
+(drivers/can/replay.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import can
 
 from agent.model.reading import Reading
 from drivers.base import Emit, ReconnectingDriver
-from drivers.can import candump, handlers
+from drivers.can import candump, handlers, live
 from drivers.can.capture import Capture, CaptureError, frames, open_capture
 from drivers.can.config import CanConfig
 from drivers.can.handlers import IGNORED, Decoded, Ignored, Special
@@ -26,12 +29,12 @@ from drivers.can.j1939 import dbc, spn
 from drivers.can.j1939.diag import DM1_PGN, VIN_PGN, DtcTracker, parse_dm1, parse_vin
 from drivers.can.j1939.ids import REQUEST_PGN, make_id, parse_id
 from drivers.can.j1939.tp import TransportReassembler
+from drivers.can.replay import Pacer
 
 log = logging.getLogger(__name__)
 
 CAN_ERR_BUSOFF = 0x40
 CAN_ERR_RESTARTED = 0x100
-RECV_TIMEOUT_S = 0.5
 # Bus time between two looks at the bus as a whole (ignition, requests, timeouts, flushing).
 ALIVE_EVERY_S = 0.25
 # After a bus-off with no frame since, the interface is reopened this long later (the kernel's
@@ -39,8 +42,6 @@ ALIVE_EVERY_S = 0.25
 BUS_OFF_REOPEN_S = 5.0
 # Sampled values are gathered into one `can` reading per this much bus time.
 GROUP_S = 1.0
-# Replay pacing never waits longer than this for one frame, whatever gap the capture has.
-MAX_PACE_S = 10.0
 # A live reading is dated at most this long before it is emitted (its frame's age).
 MAX_AGE_S = 60.0
 REQUESTS = {"vin": VIN_PGN, "hours": spn.HOURS, "fuel": spn.LFC1}
@@ -53,6 +54,8 @@ class CanBus(ReconnectingDriver):
 
     def __init__(self, config: CanConfig, emit: Emit, *, bus_factory: Any = None):
         # First: the reconnecting loop's counters (opens, open_failures) are kept in here too.
+        # frames, unknown_frames, non_j1939_frames: what reached the process (on SocketCAN the
+        # kernel keeps the PGNs nothing decodes out: see drivers/can/live.py).
         self.counters = {
             "frames": 0, "decoded_values": 0, "unknown_frames": 0, "non_j1939_frames": 0,
             "error_frames": 0, "bus_off": 0, "opens": 0, "open_failures": 0, "requests_sent": 0,
@@ -62,6 +65,10 @@ class CanBus(ReconnectingDriver):
         self.finite = config.interface == "replay"
         self._bus_factory = bus_factory or self._open_bus
         self._dbc = dbc.load(config.dbc)  # check() has reported a bad file before we get here
+        self._pgns = live.kernel_pgns(config, self._dbc)
+        self.kernel = live.Kernel(None, None, len(self._pgns), None)
+        self._rx_dropped = 0
+        self._pacer: Pacer | None = None
         self._handlers: dict[int, Any] = {}
         self._by_group: dict[tuple[int, int, int], Any] = {}
         self.tp = TransportReassembler()
@@ -127,6 +134,7 @@ class CanBus(ReconnectingDriver):
             "capture_clock": None if self.capture is None else ("capture" if self.times.trusted else "agent"),
             "skipped_lines": dict(self._parser.counts),
             "transport": dict(vars(self.tp.counters)),
+            "kernel": {**self.kernel.snapshot(), "rx_dropped": self._rx_dropped + self.kernel.dropped},
         }
 
     def health(self, status: dict[str, Any]) -> dict[str, Any]:
@@ -146,13 +154,18 @@ class CanBus(ReconnectingDriver):
     # -- the live bus (the loop: drivers/base.py ReconnectingDriver) ----------------------------
 
     def _open(self) -> can.BusABC:
-        return self._bus_factory()
+        bus = self._bus_factory()
+        self.kernel = live.Kernel.attach(bus, self._pgns)
+        return bus
 
     def _read(self, bus: can.BusABC, stop: threading.Event) -> None:
         self._loop(self._live(bus, stop), stop, bus)
 
     def _closed(self, bus: can.BusABC) -> None:
         self._flush()
+        self.kernel.poll()
+        self._rx_dropped += self.kernel.dropped
+        self.kernel.dropped = 0
 
     def _close(self, bus: can.BusABC) -> None:
         bus.shutdown()
@@ -172,42 +185,23 @@ class CanBus(ReconnectingDriver):
         return can.Bus(interface=self.config.interface, channel=self.config.channel, receive_own_messages=False)
 
     def _live(self, bus: can.BusABC, stop: threading.Event) -> Iterator[can.Message | None]:
-        recv = bus.recv
-
-        def received() -> Iterator[can.Message | None]:
-            while not stop.is_set():
-                yield recv(RECV_TIMEOUT_S)
-
-        return self.times.frames(received())
+        return self.times.frames(live.batches(bus, stop, self.kernel))
 
     def _replay(self, stop: threading.Event) -> Iterator[can.Message | None]:
-        """The capture's frames with believable times, paced by ``replay_speed``: a wait is
-        never negative and never longer than MAX_PACE_S (a capture's gap or a jump)."""
+        """The capture's frames with believable times, paced by ``replay_speed`` in batches
+        (drivers/can/replay.py)."""
         try:
             capture = self.capture = open_capture(self.config.replay)
         except CaptureError as e:
             self._problem(str(e), e, loud=True)
             raise
         self.times = candump.Timeline(capture.clock, self.counters)
-        speed = self.config.replay_speed
         self.connected = True
-        start: tuple[float, float] | None = None
-        for msg in self.times.frames(frames(capture, self._parser)):
-            if stop.is_set():
-                return
-            if speed > 0 and msg is not None:
-                ts = msg.timestamp
-                now = time.monotonic()
-                if start is None or ts < start[1]:
-                    start = (now, ts)
-                delay = start[0] + (ts - start[1]) / speed - now
-                if delay > MAX_PACE_S:
-                    self.counters["pacing_capped"] += 1
-                    delay = MAX_PACE_S
-                    start = (now + delay, ts)
-                if delay > 0 and stop.wait(delay):
-                    return
-            yield msg
+        timed = self.times.frames(frames(capture, self._parser))
+        if self.config.replay_speed <= 0:
+            return timed
+        self._pacer = Pacer(self.config.replay_speed, stop, self.counters)
+        return self._pacer.frames(timed)
 
     # -- the frame loop ---------------------------------------------------------------------
 
@@ -347,7 +341,7 @@ class CanBus(ReconnectingDriver):
             self._send_requests(bus)
 
     def _idle(self, bus: can.BusABC | None) -> None:
-        """No frame for RECV_TIMEOUT_S: flush, and notice a silent bus (ignition off)."""
+        """No frame for live.RECV_TIMEOUT_S: flush, and notice a silent bus (ignition off)."""
         self._flush()
         silent = time.monotonic() - self._last_frame_mono
         bus_off = self._bus_off_at
@@ -393,6 +387,9 @@ class CanBus(ReconnectingDriver):
             # Times counted from the capture's start (-tz, -td, none, an uptime) or without a
             # zone (-tA) date nothing: the agent's clock dates the reading as it is replayed.
             speed = self.config.replay_speed
-            age = min(max(0.0, (self._last_frame_ts or ts) - ts) / speed, MAX_AGE_S) if speed > 0 else 0.0
+            late = None if self._pacer is None else self._pacer.late_s(ts)
+            if late is None:
+                late = max(0.0, (self._last_frame_ts or ts) - ts) / speed if speed > 0 else 0.0
+            age = min(late, MAX_AGE_S)
             meta = {"mono_ns": time.monotonic_ns() - int(age * 1e9), "replay": True}
             self.emit(Reading(stream, None, data, urgent=urgent, meta=meta))

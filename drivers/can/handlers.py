@@ -4,6 +4,8 @@ the fleet's DBC files and the built-in J1939 table.
 
 A `Decoded` handler samples parameters (each through its own drivers/can/j1939/sampler.py);
 a `Special` one takes every frame (transport protocol, DM1, VIN); IGNORED counts the frame.
+What a handler is depends on the PGN alone, so :func:`used_pgns` (the PGNs that get anything
+but IGNORED) is also what the kernel is asked to let through (drivers/can/live.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from drivers.can.config import CanConfig
 from drivers.can.j1939 import spn
 from drivers.can.j1939.diag import DM1_PGN, VIN_PGN
-from drivers.can.j1939.ids import TP_CM_PGN, TP_DT_PGN
+from drivers.can.j1939.ids import GLOBAL, TP_CM_PGN, TP_DT_PGN
 from drivers.can.j1939.sampler import Sampled
 
 
@@ -55,12 +57,23 @@ class Ignored:
 
 
 IGNORED = Ignored()
+ALWAYS = frozenset((TP_CM_PGN, TP_DT_PGN, DM1_PGN, VIN_PGN))
+"""Handled whatever the config says: the transport protocol, DM1 (DTCs) and the VIN."""
+
+
+def used_pgns(config: CanConfig, dbc: dict[int, Any]) -> frozenset[int]:
+    """Every PGN whose frames :func:`handler` does not ignore under this config: the transport
+    protocol, DM1 and the VIN always, and each DBC message or built-in PGN with a signal
+    enabled (a DBC message wins over the built-in table for its PGN, also when all its signals
+    are disabled)."""
+    candidates = ALWAYS | set(dbc) | set(spn.BY_PGN)
+    return frozenset(p for p in candidates if handler(config, dbc, p, 0, GLOBAL) is not IGNORED)
 
 
 def handler(config: CanConfig, dbc: dict[int, Any], pgn: int, sa: int, da: int) -> Any:
     """The handler for a parameter group from source ``sa`` to ``da``: the DBC's message for
     the PGN first, else the built-in table's signals; IGNORED when none is enabled."""
-    if pgn in (TP_CM_PGN, TP_DT_PGN, DM1_PGN, VIN_PGN):
+    if pgn in ALWAYS:
         return Special("tp" if pgn in (TP_CM_PGN, TP_DT_PGN) else "msg", pgn, sa, da)
     if (m := dbc.get(pgn)) is not None:
         wanted = [i for i, s in enumerate(m.signals) if _enabled(config, s.name)]

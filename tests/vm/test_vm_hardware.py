@@ -195,6 +195,43 @@ def test_vm_socketcan_frames_reach_the_backend_decoded_with_their_times(can_run:
     print(f"\nCAN readings dated, ms after the cansend began: {late}")
 
 
+def test_vm_socketcan_kernel_filters_keep_unused_pgns_out_and_drop_nothing(can_run: dict[str, Any]) -> None:
+    rec = can_run
+    complete(rec, "filter_mix", "full_bus")
+    st, ev = rec["status"], rec["events"]
+    before, after, full = st["before_filter"], st["after_filter"], st["after_full_bus"]
+    # Default config: the 9 built-in PGNs, TP.CM, TP.DT, DM1, VIN; a buffer for a batch.
+    assert after["kernel"]["filters"] == after["kernel"]["pgns"] == 13, after["kernel"]
+    assert after["kernel"]["rcvbuf_bytes"] >= 2 * 208 * 1024, after["kernel"]
+    got = {k: after[k] - before[k] for k in ("frames", "unknown_frames", "non_j1939_frames", "error_frames")}
+    sent = ev["filter_mix"]["sent"]
+    assert got == {"frames": ev["filter_mix"]["used"], "unknown_frames": 0, "non_j1939_frames": 0,
+                   "error_frames": 0}, f"of {sent} frames sent: {got}"
+    # Decoded as before: the values of the frames in use, nothing of the others.
+    coolant = [v["value"] for r in readings(rec, "can") for v in r["values"] if v["name"] == "coolant_temp"]
+    assert coolant == [90, 93]
+    assert {v["name"] for r in readings(rec, "can") for v in r["values"]} <= {
+        "engine_speed", "wheel_speed", "coolant_temp", "oil_temp", "driver_demand_torque", "actual_engine_torque",
+        "parking_brake", "brake_switch", "cruise_set_speed"}
+    # A full bus for a second: every frame received, none dropped by the kernel.
+    rate = FULL_BUS_FPS / (ev["full_bus"]["t1"] - ev["full_bus"]["t0"])
+    assert full["frames"] - after["frames"] == FULL_BUS_FPS and full["kernel"]["rx_dropped"] == 0, full["kernel"]
+    print(f"\nkernel filters: {sent} frames sent, {got['frames']} reached the agent; "
+          f"full bus: {FULL_BUS_FPS} frames at {rate:,.0f}/s, none dropped ({full['kernel']})")
+
+
+def test_vm_socketcan_driver_process_cost_at_a_trucks_rate(can_run: dict[str, Any]) -> None:
+    bench = can_run.get("bench") or {}
+    assert bench.get("returncode") == 0 and bench.get("figures"), bench
+    print("\n" + bench["stdout"])
+    new, old, raw = bench["figures"]["rows"]
+    assert new["kernel"]["filters"] == 13 and new["kernel"]["rx_dropped"] == 0
+    assert new["unknown_frames"] == 0, "the kernel let no unused PGN through"
+    # The kernel passes ~1 frame in 5 of the mix; the driver wakes per batch, not per frame.
+    assert new["frames_per_s"] < 0.3 * old["frames_per_s"], (new, old)
+    assert new["cs_per_s"] < 0.2 * old["cs_per_s"] and new["cpu_pct"] < old["cpu_pct"], (new, old)
+
+
 def test_vm_socketcan_bus_error_frames_are_counted_and_bus_off_reopens(can_run: dict[str, Any]) -> None:
     rec = can_run
     complete(rec, "bus_error", "bus_off", "bus_off_reopened", "restarted", "health_errors")
@@ -497,6 +534,35 @@ def guest_can(rec: Record) -> None:
         rec.event("health_vin", t0, time.time())
         rec.phase("frames_done")
 
+        # -- kernel filters: frames of PGNs nothing decodes never reach the agent -------------------
+        rec.data["status"]["before_filter"] = g.fresh_status("can")
+        mix, used = filter_mix()
+        bus = can.Bus(interface="socketcan", channel="vcan0", receive_own_messages=False)
+        try:
+            t0 = time.time()
+            for m in mix[:-1]:
+                bus.send(m, timeout=1)
+            time.sleep(1.2)  # a value that did not move is looked at again ~1 s later (sampler.py RECHECK_S)
+            bus.send(mix[-1], timeout=1)
+            rec.event("filter_mix", t0, time.time(), sent=len(mix), used=used)
+            wait(lambda: seen("coolant_temp", 93), "the mix's last frame decoded")  # after the rest
+            rec.data["status"]["after_filter"] = g.fresh_status("can")
+            # -- a full 500 kbit/s bus for a second (~4,000 frames/s, all of a PGN in use): the
+            # socket's buffer holds what arrives between two batches, the kernel drops nothing.
+            eec1_1500 = cl.message(cl.Frame(0, cl.j1939_id(3, cl.EEC1, cl.ENGINE), cl.eec1_data(1500)))
+            t0 = time.time()
+            for tick in range(100):
+                for _ in range(FULL_BUS_FPS // 100):
+                    bus.send(eec1_1500, timeout=1)
+                time.sleep(max(0.0, t0 + (tick + 1) / 100 - time.time()))
+            rec.event("full_bus", t0, time.time(), sent=FULL_BUS_FPS)
+        finally:
+            bus.shutdown()
+        before = rec.data["status"]["after_filter"]["frames"]
+        rec.data["status"]["after_full_bus"] = wait(
+            lambda: (s := g.fresh_status("can"))["frames"] >= before + FULL_BUS_FPS and s, "the full bus received")
+        rec.phase("filters_done")
+
         # -- error frames, as a controller's driver delivers them (linux/can/error.h) -------------
         cansend("bus_error", "20000088#0000020000000000")  # CAN_ERR_PROT | CAN_ERR_BUSERROR, form error
         rec.data["status"]["bus_error"] = wait(lambda: (s := g.fresh_status("can"))["error_frames"] >= 1 and s,
@@ -541,6 +607,48 @@ def guest_can(rec: Record) -> None:
     finally:
         g.stop()
     rec.phase("stopped")
+    # -- what the CAN driver costs a process at a truck's rate (bench/bench_can_proc.py) ------------
+    out = rec.out / "bench_can_proc.json"
+    r = subprocess.run([sys.executable, "bench/bench_can_proc.py", "--vcan", "vcan0", "--seconds", "10",
+                        "--json", str(out)], cwd=vmkit.REPO, capture_output=True, text=True, timeout=400)
+    rec.data["bench"] = {"stdout": r.stdout, "stderr": r.stderr[-3000:], "returncode": r.returncode,
+                         "figures": json.loads(out.read_text()) if out.exists() else None}
+    rec.phase("bench_done")
+
+
+FULL_BUS_FPS = 4_000
+# PGNs nobody decodes by default, next to ones that are used: PDU1 (TSC1 to the engine, a
+# request, TP.CM's neighbours) and PDU2 (DM2 beside DM1, proprietary B, ETC1, EBC1, AMB).
+UNUSED = [(0, 0x00), (0xEA00, 0x00), (0xED00, 0x17), (0xE800, 0x17), (0xFECB, 0xFF), (0xFF00, 0xFF),
+          (61442, 0xFF), (61441, 0xFF), (65269, 0xFF)]
+
+
+def filter_mix() -> tuple[list[Any], int]:
+    """Frames of unused PGNs, 11-bit and remote frames, among frames of PGNs in use (EEC1 at the
+    speed last sent, ET1 at 90 °C, TP.CM aborts to one node); the last one is ET1 at 93 °C.
+    Returns the frames and how many of them the agent must receive."""
+    import can
+
+    import canlog as cl
+
+    eec1 = cl.message(cl.Frame(0, cl.j1939_id(3, cl.EEC1, cl.ENGINE), cl.eec1_data(1500)))
+    et1 = cl.message(cl.Frame(0, cl.j1939_id(6, cl.ET1, cl.ENGINE), cl.et1_data(90)))
+    abort_data = bytes([255, 1, 255, 255, 255, 0xCA, 0xFE, 0])  # TP.CM abort of a DM1 session, to 0x17
+    abort = cl.message(cl.Frame(0, cl.j1939_id(7, 0xEC00, cl.ENGINE, 0x17), abort_data))
+    mix: list[Any] = []
+    used = 0
+    for i in range(40):
+        for k, (pgn, da) in enumerate(UNUSED):
+            mix.append(cl.message(cl.Frame(0, cl.j1939_id(6, pgn, 0x21 + k, da), bytes([i, k, 0, 0, 0, 0, 0, 0]))))
+        mix.append(can.Message(arbitration_id=0x123, is_extended_id=False, data=bytes([i])))
+        mix.append(can.Message(arbitration_id=eec1.arbitration_id, is_extended_id=True, is_remote_frame=True, dlc=8))
+        mix += [eec1, et1]
+        used += 2
+        if i % 10 == 0:
+            mix.append(abort)
+            used += 1
+    mix.append(cl.message(cl.Frame(0, cl.j1939_id(6, cl.ET1, cl.ENGINE), cl.et1_data(93))))
+    return mix, used + 1
 
 
 def guest_gpio(rec: Record) -> None:

@@ -34,3 +34,20 @@ def make_id(priority: int, pgn: int, sa: int, da: int = GLOBAL) -> int:
     if (pgn >> 8) & 0xFF < 240:
         pgn = (pgn & 0x3FF00) | da
     return (priority & 0x7) << 26 | (pgn & 0x3FFFF) << 8 | (sa & 0xFF)
+
+
+PDU1_PGN_MASK = 0x3FF0000
+"""The identifier bits of a PDU1 PGN (EDP, DP, PF): the PS byte is a destination, not the PGN."""
+PDU2_PGN_MASK = 0x3FFFF00
+"""The identifier bits of a PDU2 PGN (EDP, DP, PF, PS as group extension)."""
+
+
+def pgn_match(pgn: int) -> tuple[int, int] | None:
+    """``(can_id, mask)`` on a 29-bit identifier that matches exactly the identifiers whose
+    :func:`parse_id` PGN is ``pgn``, whatever their priority, source and (PDU1) destination;
+    None when no identifier has that PGN (beyond 18 bits, or PDU1 with a non-zero low byte)."""
+    if not 0 <= pgn <= 0x3FFFF:
+        return None
+    if (pgn >> 8) & 0xFF < 240:
+        return (pgn << 8, PDU1_PGN_MASK) if pgn & 0xFF == 0 else None
+    return pgn << 8, PDU2_PGN_MASK

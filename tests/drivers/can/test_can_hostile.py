@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import canlog as cl
 import drivers.can.bus
+import drivers.can.replay
 from agent.demo.broker import free_port
 from drivers.can import candump
 from drivers.can.bus import CanBus
@@ -124,7 +125,7 @@ def test_pacing_never_waits_long_for_one_frame(tmp_path: Path) -> None:
     day = 86_400 * cl.S
     second = cl.periodic(0, cl.S, 100_000, EEC1, lambda t: cl.eec1_data(700 + 1000 * t))
     frames = second + [f._replace(ts=cl.at(day + round((f.ts - cl.at(0)) * cl.S))) for f in second]
-    with mock.patch.object(drivers.can.bus, "MAX_PACE_S", 0.3):
+    with mock.patch.object(drivers.can.replay, "MAX_PACE_S", 0.3):
         start = time.monotonic()
         got, driver = replay(cl.write_log(tmp_path / "two-days.log", frames), timeout=10, replay_speed=1)
     assert time.monotonic() - start < 5
@@ -178,7 +179,7 @@ FAST = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCh
 @example([("-5", cl.Frame(0, EEC1, cl.eec1_data(700))), (str(T0), cl.Frame(0, EEC1, cl.eec1_data(800)))], 1)
 def test_any_stamps_never_raise_hang_or_date_absurdly(tmp_path: Path, stamped: list, speed: int) -> None:
     path = write(tmp_path / "any.log", [(s if isinstance(s, str) else repr(s), f) for s, f in stamped])
-    with mock.patch.object(drivers.can.bus, "MAX_PACE_S", 0.01):
+    with mock.patch.object(drivers.can.replay, "MAX_PACE_S", 0.01):
         got, driver = replay(path, replay_speed=speed)
     assert driver.snapshot()["frames"] == len(stamped)
     assert_sane(got)
