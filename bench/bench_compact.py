@@ -31,6 +31,7 @@ from pathlib import Path
 from _positions import DEVICE, positions
 
 from agent import compact
+from agent.compact.decoder import decode
 from agent.demo import trip
 from agent.model.reading import Reading, encode_parts
 from drivers.gps.nmea import NmeaAssembler
@@ -89,12 +90,12 @@ def main() -> None:
     payloads = [compact.encode(b) for b in batches]
     json_texts = ["[" + ",".join(b) + "]" for b in batches]
     for batch, payload in zip(dicts, payloads):  # lossless, or the figures mean nothing
-        if compact.decode(payload) != batch:
+        if decode(payload) != batch:
             raise RuntimeError("compact round trip is not exact")
 
     enc = best_rate(compact.encode, batches, a.batch, a.repeat)
     base_enc = best_rate(json.dumps, dicts, a.batch, a.repeat)
-    dec = best_rate(compact.decode, payloads, a.batch, a.repeat)
+    dec = best_rate(decode, payloads, a.batch, a.repeat)
     base_dec = best_rate(json.loads, json_texts, a.batch, a.repeat)
 
     print(f"compact encoding, {a.batches} batches of {a.batch} positions at 1 Hz, best of {a.repeat}")

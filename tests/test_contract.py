@@ -42,6 +42,7 @@ from referencing.jsonschema import DRAFT202012
 
 import canlog as cl
 from agent import compact
+from agent.compact.decoder import decode
 from agent.demo import trip
 from agent.demo.broker import Mosquitto
 from agent.model.reading import Reading, iso_ms
@@ -186,7 +187,7 @@ class Contract:
             if "#/components/messages/compactBatch" not in refs:
                 return [f"{channel}: a compact message on a channel that does not offer one"]
             try:
-                readings = compact.decode(payload)
+                readings = decode(payload)
             except compact.CompactError as e:
                 return [f"compact: cannot decode: {e}"]
             return [p for r in readings for p in self.problems(channel, json.dumps(r).encode())]
@@ -442,7 +443,7 @@ class Published:
 
 def as_readings(payload: bytes) -> Any:
     """A JSON object or array as it is; a compact message as its list of readings."""
-    return compact.decode(payload) if compact.is_compact(payload) else json.loads(payload)
+    return decode(payload) if compact.is_compact(payload) else json.loads(payload)
 
 
 def retained_messages(port: int, topic: str, settle_s: float = 0.6) -> list[tuple[str, bytes, bool]]:

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from agent import compact
+from agent.compact.decoder import decode as decode_compact
 
 JSON_CONTENT_TYPES = frozenset({"application/json", "text/json"})
 
@@ -31,7 +32,7 @@ def decode(payload: bytes | bytearray, content_type: str | None = None) -> list[
     kind = (content_type or "").split(";", 1)[0].strip().lower()
     if kind == compact.CONTENT_TYPE or (not kind and compact.is_compact(payload)):
         try:
-            return compact.decode(payload)
+            return decode_compact(payload)
         except compact.CompactError as e:
             raise DecodeError(f"content type {content_type!r}: {e}" if content_type else str(e)) from None
     if kind and kind not in JSON_CONTENT_TYPES:

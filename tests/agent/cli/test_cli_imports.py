@@ -62,6 +62,7 @@ def test_the_daemons_commands_never_import_the_backend_tools(tmp_path: Path, con
     assert r["rc"] == rc
     assert "agent.config" in r["modules"], "the probe sees what the command imported"
     assert under(r["modules"], "agent.tools") == []
+    assert "agent.compact.decoder" not in r["modules"], "the device encodes; only the backend decodes"
 
 
 def test_the_backend_tools_load_only_for_their_own_commands(tmp_path: Path) -> None:

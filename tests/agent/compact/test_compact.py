@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import compact
-from agent.compact import CompactError, decode, encode, is_compact
+from agent.compact import CompactError, encode, is_compact
+from agent.compact.decoder import decode
 from agent.demo import trip
 from agent.model.chain import Chain
 from agent.model.reading import Reading, encode_parts, iso_ms, resolved_body
