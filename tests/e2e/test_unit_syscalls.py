@@ -651,13 +651,24 @@ def end_session(proc: subprocess.Popen) -> None:
 
 
 def agent_pid(strace: subprocess.Popen) -> int:
-    """The traced agent: strace's child (through setpriv's exec when demoted, the same PID)."""
+    """The traced agent: strace's child (through setpriv's exec when demoted, the same PID) that
+    runs Python (the agent); strace forks short-lived children of its own at start to probe ptrace
+    features, and under load one of those can be the only child seen."""
     def child() -> int | None:
         try:
             kids = Path(f"/proc/{strace.pid}/task/{strace.pid}/children").read_text().split()
         except OSError:
             return None
-        return int(kids[0]) if kids else None
+        for kid in kids:
+            try:
+                exe = os.readlink(f"/proc/{kid}/exe")  # strace's own forks are still strace
+            except OSError:
+                continue
+            if exe == python:
+                return int(kid)
+        return None
+
+    python = os.path.realpath(sys.executable)
 
     wait_until(lambda: child() is not None, 10, "the traced agent")
     return child()  # type: ignore[return-value]
