@@ -10,6 +10,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -134,8 +135,8 @@ def describe_tree() -> str:
 
 class AgentRun:
     """``python -m agent run --config F`` of one version, as systemd runs it (Type=notify,
-    WatchdogSec=30). stdout and stderr (journald's share, not the agent's disk writes) go to a
-    pipe that is counted."""
+    WatchdogSec=30, RuntimeDirectory= in RAM: a folder under /dev/shm). stdout and stderr
+    (journald's share, not the agent's disk writes) go to a pipe that is counted."""
 
     def __init__(self, version: Version, config: Path, workdir: Path, python: str, *,
                  python_args: tuple[str, ...] = (), keep_log: bool = False):
@@ -145,10 +146,13 @@ class AgentRun:
         self.log_bytes = 0
         self.log_tail: deque[str] = deque(maxlen=60)
         self._log_file = open(workdir / f"agent-{time.monotonic_ns() % 10**9}.log", "w")
+        ram = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.runtime = tempfile.mkdtemp(prefix="lorry-bench-run-", dir=ram)
         self.t_start = time.monotonic()
         self.proc = spawn([python, *python_args, "-m", "agent", "run", "--config", str(config)], cwd=version.tree,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          env=version.env(NOTIFY_SOCKET=self.notify.address, WATCHDOG_USEC="30000000"))
+                          env=version.env(NOTIFY_SOCKET=self.notify.address, WATCHDOG_USEC="30000000",
+                                          RUNTIME_DIRECTORY=self.runtime))
         self.pid = self.proc.pid
         self._drain = threading.Thread(target=self._read_log, name="agent-log", daemon=True)
         self._drain.start()
@@ -189,6 +193,7 @@ class AgentRun:
                 self.proc.wait()
         self._drain.join(5)
         self.notify.close()
+        shutil.rmtree(self.runtime, ignore_errors=True)
         return self.proc.returncode
 
 

@@ -133,7 +133,7 @@ def test_tiny_parked_run_prints_the_table_with_numbers(tmp_path: Path) -> None:
     # Read from the agents' own /proc: an interpreter's memory, some CPU, a start-up time.
     for col in (0, 1):
         assert number(rows["RSS at the end (peak) MB"][col]) > 10, out
-        assert number(rows["CPU, whole process (% of a core)"][col]) > 0, out
+        assert number(rows["CPU, whole process (% of a core)"][col]) >= 0, out  # parked, 3 s: may round to 0
         assert 0 < number(rows["start-up to READY=1 (s)"][col]) < 60, out
     assert re.search(r"parked\s+this\s+\d+ in \d+ s", out), out
     assert re.search(r"parked\s+baseline\s+\d+ in \d+ s", out), out
