@@ -34,7 +34,7 @@ from typing import Any
 
 from agent.model.chain import Chain
 from agent.model.reading import Reading, encode_parts
-from agent.store import retention
+from agent.store import integrity, retention
 from agent.store.capacity import Space
 from agent.store.held import HeldReadings
 from agent.store.lock import StoreLock
@@ -82,7 +82,13 @@ class Store(StoreWriter, HeldReadings, StoreReader):
             raise
 
     def _open_locked(self) -> None:
-        self._wdb, aside = open_db(self.path)
+        self.ledger = Ledger(self.path.with_name(self.path.name + ".ledger"))
+        self.full_check = integrity.needs_full_check(self.path, self.ledger.clean)
+        """Whether this start ran the full integrity check (not after a clean stop)."""
+        if self.ledger.clean is not None:  # consumed, on disk too: a crash from here on leaves no record
+            self.ledger.clean = None
+            self.ledger.save()
+        self._wdb, aside = open_db(self.path, full_check=self.full_check)
         self.damaged_files: list[str] = [str(aside)] if aside else []
         """Damaged store files found at start and moved aside."""
         create_schema(self._wdb)
@@ -109,7 +115,7 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         self.commit_errors = 0
         self.last_error: str | None = None
         self._thread: threading.Thread | None = None
-        self.held = self._wdb.execute("SELECT COUNT(*) FROM readings WHERE held = 1").fetchone()[0]
+        self.held = self._wdb.execute("SELECT COUNT(*) FROM readings WHERE held = 1").fetchone()[0]  # readings_held
         """Readings whose time is not known yet: stored, not sent."""
         self.dropped: dict[str, int] = {}
         """Readings given up per stream (retention.py), for status."""
@@ -121,7 +127,6 @@ class Store(StoreWriter, HeldReadings, StoreReader):
                 "SELECT key, value FROM state WHERE key IN ('chain_seq', 'chain_hash')").fetchall())
             if saved:
                 self.chain.restore(int(saved["chain_seq"]), saved["chain_hash"])
-        self.ledger = Ledger(self.path.with_name(self.path.name + ".ledger"))
         self.resumed: list[retention.Dropped] = self._resume(damaged=aside is not None)
         """Seq ranges a fresh store continued above (agent/store/seqledger.py), reported at start."""
         self.space = Space(self._wdb.conn, self.path, self._report)
@@ -143,7 +148,8 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         self._seq = dict(ledger.reserved)
         conn = self._wdb.conn
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT OR REPLACE INTO streams (stream, last_seq) VALUES (?, ?)", self._seq.items())
+        conn.executemany("INSERT INTO streams (stream, last_seq) VALUES (?, ?) "
+                         "ON CONFLICT(stream) DO UPDATE SET last_seq = excluded.last_seq", self._seq.items())
         if self.chain is not None and ledger.chain is not None:
             self.chain.restore(*ledger.chain)
             conn.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
@@ -267,12 +273,16 @@ class Store(StoreWriter, HeldReadings, StoreReader):
             self._commit_all()
         try:  # a clean stop: the ledger's floors as they are now (a smaller announced gap later)
             self.ledger.floor.update(self._floors({}))
-            self.ledger.save()
         except sqlite3.Error as e:
-            log.error("store: seq ledger not updated at stop (%s)", e)
+            log.error("store: seq floors not updated at stop (%s)", e)
         self._wdb.conn.close()
         with self._rlock:
-            self._rconn.close()
+            self._rconn.close()  # the last connection: SQLite folds the WAL in and removes it
+        # The file as this clean stop leaves it: the next start may skip the full check
+        # (agent/store/integrity.py). Not after failed commits or a writer that would not stop.
+        clean = not self.commit_errors and not self.writer_alive
+        self.ledger.clean = integrity.fingerprint(self.path) if clean else None
+        self.ledger.save()
         self._lock.release()
 
     def maintain(self, timeout: float = 30.0) -> bool:
@@ -285,7 +295,11 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         """Per stream, the lowest seq not yet acknowledged (for the ledger)."""
         floors = {s: n + 1 for s, n in self._seq.items()}
         floors.update({s: self._seq.get(s, 0) + 1 for s in seq if s not in floors})
-        floors.update(dict(self._wdb.execute("SELECT stream, MIN(seq) FROM readings GROUP BY stream").fetchall()))
+        # A stream's seqs rise with its ids: its lowest seq is its first row's (readings_stream),
+        # found without reading the backlog (MIN(seq) would read every row).
+        floors.update((s, n) for s, n in self._wdb.execute(
+            "SELECT stream, (SELECT seq FROM readings r WHERE r.stream = s.stream ORDER BY r.id LIMIT 1)"
+            " FROM streams s").fetchall() if n is not None)
         return floors
 
     def _report(self, dropped: list[retention.Dropped]) -> None:

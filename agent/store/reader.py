@@ -7,6 +7,7 @@ their deletion.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ class StoreReader:
 
     def fetch(self, stream: str, after_id: int, limit: int) -> list[Row]:
         """Durable, unacknowledged rows of a stream after ``after_id``, oldest first."""
+        return self.page(stream, after_id, limit)[0]
+
+    def page(self, stream: str, after_id: int, limit: int) -> tuple[list[Row], int | None]:
+        """``fetch``, and where to go on from: the last id read when ``limit`` rows were read
+        (more may follow, even if acknowledged ones were left out), else None (no more)."""
         with self._rlock:
             cur = self._rconn.execute(
                 "SELECT id, stream, seq, ts, body FROM readings "
@@ -51,7 +57,8 @@ class StoreReader:
             )
             rows = cur.fetchall()
         acked = self._acked
-        return [Row(*r) for r in rows if r[0] not in acked]
+        more = rows[-1][0] if len(rows) == limit else None
+        return [Row(*r) for r in rows if r[0] not in acked], more
 
     def newest(self, stream: str) -> Row | None:
         with self._rlock:
@@ -67,8 +74,9 @@ class StoreReader:
             return [r[0] for r in self._rconn.execute("SELECT stream FROM streams")]
 
     def depth(self) -> dict[str, int]:
-        """Unacknowledged rows per stream, including those not yet committed."""
-        return {s: d["count"] for s, d in buffer_summary(self._rconn, self._rlock).items()}
+        """Rows per stream (``streams.depth``, kept by triggers: agent/store/schema.py)."""
+        with self._rlock:
+            return dict(self._rconn.execute("SELECT stream, depth FROM streams ORDER BY stream").fetchall())
 
     @property
     def queued(self) -> int:
@@ -80,22 +88,35 @@ class StoreReader:
         with self._count_lock:
             queued = self._queued  # read first: a reading moves from queued to a row, never back
         with self._visibility, self._rlock:
-            n: int = self._rconn.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+            n: int = self._rconn.execute("SELECT COALESCE(SUM(depth), 0) FROM streams").fetchone()[0]
             n -= len(self._acked)
         return n + queued
 
 
+# Per stream, without reading the backlog: the count kept in ``streams.depth``, the first row
+# by id from the readings_stream index (seqs rise with ids, so it holds the lowest seq; the
+# first one not held is the reading that has waited longest), held rows from the partial
+# readings_held index (almost always none).
+_SUMMARY = (
+    "SELECT s.stream, s.last_seq, s.depth,"
+    " (SELECT ts FROM readings r WHERE r.stream = s.stream AND r.held = 0 ORDER BY r.id LIMIT 1),"
+    " (SELECT seq FROM readings r WHERE r.stream = s.stream ORDER BY r.id LIMIT 1),"
+    " (SELECT COUNT(*) FROM readings r WHERE r.held = 1 AND r.stream = s.stream)"
+    " FROM streams s ORDER BY s.stream"
+)
+# A store not yet opened by this version (no ``depth``): counted the slow way, once.
+_SUMMARY_V3 = (
+    "SELECT s.stream, s.last_seq, COUNT(r.id), MIN(CASE WHEN r.held = 0 THEN r.ts END), MIN(r.seq),"
+    " COALESCE(SUM(r.held), 0) FROM streams s "
+    "LEFT JOIN readings r ON r.stream = s.stream GROUP BY s.stream ORDER BY s.stream"
+)
+
+
 def buffer_summary(conn: sqlite3.Connection, lock: threading.Lock | None = None) -> dict[str, dict[str, Any]]:
-    sql = (
-        "SELECT s.stream, s.last_seq, COUNT(r.id), MIN(CASE WHEN r.held = 0 THEN r.ts END), MIN(r.seq),"
-        " COALESCE(SUM(r.held), 0) FROM streams s "
-        "LEFT JOIN readings r ON r.stream = s.stream GROUP BY s.stream ORDER BY s.stream"
-    )
-    if lock:
-        with lock:
-            rows = conn.execute(sql).fetchall()
-    else:
-        rows = conn.execute(sql).fetchall()
+    """Per stream: rows buffered, last seq, the oldest unsent reading's time and seq, held rows."""
+    with lock or contextlib.nullcontext():
+        cols = {r[1] for r in conn.execute("PRAGMA table_info(streams)")}
+        rows = conn.execute(_SUMMARY if "depth" in cols else _SUMMARY_V3).fetchall()
     return {
         s: {"count": n, "last_seq": last, "oldest_ts_ms": oldest, "oldest_seq": first, "held": held}
         for s, last, n, oldest, first, held in rows

@@ -19,7 +19,7 @@ import sqlite_utils
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class StoreUnusable(OSError):
@@ -47,9 +47,41 @@ def create_schema(db: sqlite_utils.Database) -> None:
         if name not in have:
             readings.add_column(name, kind, not_null_default=0 if name == "held" else None)
     db.execute("CREATE INDEX IF NOT EXISTS readings_stored ON readings(stored_ms)")
+    # v4: held rows are almost never there, so a partial index finds them (start-up count,
+    # release, status) without reading the backlog, and costs an insert nothing otherwise.
+    db.execute("CREATE INDEX IF NOT EXISTS readings_held ON readings(held) WHERE held = 1")
     cast(sqlite_utils.db.Table, db["streams"]).create({"stream": str, "last_seq": int}, pk="stream", if_not_exists=True)
     cast(sqlite_utils.db.Table, db["state"]).create({"key": str, "value": str}, pk="key", if_not_exists=True)
-    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    if "depth" not in cast(sqlite_utils.db.Table, db["streams"]).columns_dict:
+        _add_depth(db.conn)
+    if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:  # no write at every start
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _add_depth(conn: sqlite3.Connection) -> None:
+    """v4: ``streams.depth``, the rows each stream has in ``readings``, kept by triggers in the
+    same transaction as every insert and delete: what status, ``pending()`` and shedding need
+    without counting a backlog of a million rows (an index would only make the count cheaper,
+    never constant). Triggers, not the writer's own arithmetic, so no delete path (acks,
+    shedding, an older agent's code) can leave it wrong; they touch only the one small
+    ``streams`` page, which a commit with new rows writes anyway. Counted once here, on the
+    first start after an upgrade; all in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("ALTER TABLE streams ADD COLUMN depth INTEGER NOT NULL DEFAULT 0")
+        conn.execute("UPDATE streams SET depth = (SELECT COUNT(*) FROM readings r WHERE r.stream = streams.stream)")
+        conn.execute(
+            "CREATE TRIGGER readings_added AFTER INSERT ON readings BEGIN"
+            " INSERT INTO streams (stream, last_seq, depth) VALUES (NEW.stream, NEW.seq, 1)"
+            " ON CONFLICT(stream) DO UPDATE SET depth = depth + 1; END")
+        conn.execute(
+            "CREATE TRIGGER readings_removed AFTER DELETE ON readings BEGIN"
+            " UPDATE streams SET depth = depth - 1 WHERE stream = OLD.stream; END")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -93,20 +125,25 @@ def _proves_damage(e: sqlite3.DatabaseError) -> bool:
     return code is None or code & 0xFF in _DAMAGED
 
 
-def open_db(path: Path) -> tuple[sqlite_utils.Database, Path | None]:
+def open_db(path: Path, full_check: bool = True) -> tuple[sqlite_utils.Database, Path | None]:
     """Open the buffer. A file that SQLite proves damaged is moved aside (kept for forensics)
     and a new one started: a damaged card must never put the agent in a crash loop. Any other
     failure (permissions, a vanished folder) is raised: nothing is renamed on a guess.
-    Returns the database and where a damaged file went, if one did."""
+    ``full_check`` False skips ``PRAGMA quick_check`` (which reads every page) for a file
+    untouched since a clean stop (agent/store/integrity.py); SQLite still refuses one that is
+    not a database at all. Returns the database and where a damaged file went, if one did."""
     conn = None
     try:
         conn = connect(path)
         db = sqlite_utils.Database(conn)
         _new_file_settings(db)
         db.enable_wal()
-        ok = db.execute("PRAGMA quick_check").fetchone()[0]
-        if ok != "ok":
-            raise sqlite3.DatabaseError(f"quick_check: {ok}")  # no error code: proven damage
+        if full_check:
+            ok = db.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {ok}")  # no error code: proven damage
+        else:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # reads the header and schema
         aside = None
     except sqlite3.DatabaseError as e:
         if conn is not None:

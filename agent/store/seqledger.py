@@ -13,6 +13,9 @@ whatever was only in the damaged file they are announced as ``data_dropped`` ala
 ``store_damaged``) covering ``floor..reserved``, where ``floor`` is the lowest seq that was
 still unacknowledged when the ledger was last written: every reading below it was
 acknowledged by the broker.
+
+It also carries the clean-stop record (``clean``, agent/store/integrity.py): the store file's
+identity as the last clean stop left it, so a start can skip the full integrity check.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class Ledger:
         self.floor: dict[str, int] = {}
         """Per stream, the lowest seq not known to be acknowledged when last written."""
         self.chain: tuple[int, str] | None = None
+        self.clean: list[int] | None = None
+        """The store file as a clean stop left it (agent/store/integrity.py), or None."""
         self.write_errors = 0
         self._load()
 
@@ -50,12 +55,14 @@ class Ledger:
             self.floor = {str(k): int(v) for k, v in data.get("floor", {}).items()}
             chain = data.get("chain")
             self.chain = (int(chain[0]), str(chain[1])) if chain else None
+            clean = data.get("clean")
+            self.clean = [int(v) for v in clean] if clean else None
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             # A damaged ledger only matters if the store is damaged too; say so and go on.
             log.error("seq ledger %s unreadable (%s); ignored", self.path, e)
-            self.reserved, self.floor, self.chain = {}, {}, None
+            self.reserved, self.floor, self.chain, self.clean = {}, {}, None, None
 
     def needs_reserve(self, seq: dict[str, int]) -> bool:
         reserved = self.reserved
@@ -73,7 +80,8 @@ class Ledger:
 
     def save(self) -> bool:
         """Write atomically (a power cut leaves the old or the new file, never half of one)."""
-        data = {"reserved": self.reserved, "floor": self.floor, "chain": list(self.chain) if self.chain else None}
+        data = {"reserved": self.reserved, "floor": self.floor, "chain": list(self.chain) if self.chain else None,
+                "clean": self.clean}
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -25,6 +25,8 @@ from agent.store.buffer import Row, Store
 # Stop handing out batches while this many acknowledged rows wait for deletion: on a fast link
 # acknowledgements can outrun the store writer, and the ids would pile up in memory.
 MAX_ACKS_WAITING = 10_000
+# Until a stream's rows have been seen: a small reading's size (a position is about 250 B).
+_GUESS_ROW_BYTES = 128
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,6 +71,8 @@ class Outbox:
         self._newest_done: set[str] = set()
         self._split: dict[str, int] = {}
         """Streams whose next message holds at most this many readings (once)."""
+        self._row_bytes: dict[str, float] = {}
+        """Per stream, the mean size of the rows last read: how many to read for a budget."""
         self._idle_at = -1
         self._order: list[str] = []
         self._order_at = -1
@@ -152,23 +156,32 @@ class Outbox:
         return Batch(stream, (newest.id,), (newest.body,))
 
     def _page(self, stream: str, max_bytes: int) -> Batch | None:
-        while True:
-            after = self._cursor.get(stream, 0)
-            rows = self.store.fetch(stream, after, self._split.pop(stream, self.max_batch))
-            if not rows:
-                return None
-            picked: list[Row] = []
-            size = 2
-            skip = self._sent_newest.get(stream)
+        """The next message of a stream: up to ``max_batch`` readings and ``max_bytes``. Rows
+        are read in pages sized to what the budget holds (by the stream's recent row size),
+        not ``max_batch`` at a time: a slow link's message of 16 positions must not read
+        2,000 (reads per message would be 100 times what it sends)."""
+        limit = self._split.pop(stream, self.max_batch)
+        skip = self._sent_newest.get(stream)
+        after: int | None = self._cursor.get(stream, 0)
+        picked: list[Row] = []
+        size = 2
+        while after is not None and len(picked) < limit and size < max_bytes:
+            avg = self._row_bytes.get(stream, _GUESS_ROW_BYTES)
+            want = max(8, min(limit - len(picked), int((max_bytes - size) / avg * 1.25) + 1))
+            rows, more = self.store.page(stream, after, want)
+            if rows:
+                self._row_bytes[stream] = sum(len(r.body) + 1 for r in rows) / len(rows)
             for row in rows:
                 if row.id == skip:
+                    self._cursor[stream] = row.id
                     continue
                 size += len(row.body) + 1
-                if picked and size > max_bytes:
+                if picked and size > max_bytes or len(picked) == limit:
+                    more = None
                     break
                 picked.append(row)
-            if not picked:
-                self._cursor[stream] = rows[-1].id
-                continue
-            self._cursor[stream] = picked[-1].id
-            return Batch(stream, tuple(r.id for r in picked), tuple(r.body for r in picked))
+                self._cursor[stream] = row.id
+            after = more
+        if not picked:
+            return None
+        return Batch(stream, tuple(r.id for r in picked), tuple(r.body for r in picked))

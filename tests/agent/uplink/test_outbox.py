@@ -94,3 +94,27 @@ def test_idle_outbox_notices_new_durable_rows(store: Store) -> None:
     assert drain(outbox, store) == [("position", [1])]
     fill(store, "position", 1)
     assert drain(outbox, store) == [("position", [2])]
+
+
+def test_a_small_message_reads_about_what_it_sends(store: Store, monkeypatch) -> None:
+    """A slow link's messages are small; each reads rows for its byte budget, not
+    ``max_batch`` rows (issue 14: 2,000 positions read to send 16), and skips none."""
+    fill(store, "position", 3_000, pad="x" * 200)
+    read: list[int] = []
+    page = store.page
+
+    def counted(stream: str, after_id: int, limit: int) -> tuple[list, int | None]:
+        rows, more = page(stream, after_id, limit)
+        read.append(len(rows))
+        return rows, more
+
+    monkeypatch.setattr(store, "page", counted)
+    outbox = Outbox(store, max_batch=2_000, max_bytes=4_096)
+    sent = []
+    for _ in range(20):
+        b = outbox.next_batch()
+        assert b is not None and len(b.json()) <= 4_096
+        sent += b.ids
+    assert sum(read) <= 2 * len(sent) + 8, (sum(read), len(sent))
+    rest = drain(outbox, store)
+    assert len(sent) + sum(len(seqs) for _, seqs in rest) == 3_000, "every position once"
