@@ -12,6 +12,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+_SKIP_CHUNK_MAX = 4096
+"""Rows read at a time while skipping acknowledged rows that wait for their deletion."""
+
 
 @dataclass(slots=True, frozen=True)
 class Row:
@@ -42,25 +45,47 @@ class StoreReader:
             return self.durable_id
 
     def fetch(self, stream: str, after_id: int, limit: int) -> list[Row]:
-        """Durable, unacknowledged rows of a stream after ``after_id``, oldest first."""
-        with self._rlock:
-            cur = self._rconn.execute(
-                "SELECT id, stream, seq, ts, body FROM readings "
-                "WHERE stream = ? AND id > ? AND id <= ? AND held = 0 ORDER BY id LIMIT ?",
-                (stream, after_id, self.durable_id, limit),
-            )
-            rows = cur.fetchall()
-        acked = self._acked
-        return [Row(*r) for r in rows if r[0] not in acked]
+        """Durable, unacknowledged rows of a stream after ``after_id``, oldest first.
+
+        Acknowledged rows stay in the table until the writer's next commit deletes them, so
+        they are skipped here, past the SQL ``LIMIT``: ``limit`` rows of them must not hide the
+        rows behind (the outbox would take the stream for drained and wait for new rows)."""
+        top = self.durable_id
+        out: list[Row] = []
+        want = limit
+        while True:
+            with self._rlock:
+                rows = self._rconn.execute(
+                    "SELECT id, stream, seq, ts, body FROM readings "
+                    "WHERE stream = ? AND id > ? AND id <= ? AND held = 0 ORDER BY id LIMIT ?",
+                    (stream, after_id, top, want),
+                ).fetchall()
+            acked = self._acked
+            out += [Row(*r) for r in rows if r[0] not in acked]
+            if len(out) >= limit or len(rows) < want:
+                return out[:limit]
+            after_id = rows[-1][0]
+            want = min(want * 2, _SKIP_CHUNK_MAX)  # a long acknowledged run: bigger steps
 
     def newest(self, stream: str) -> Row | None:
-        with self._rlock:
-            r = self._rconn.execute(
-                "SELECT id, stream, seq, ts, body FROM readings "
-                "WHERE stream = ? AND id <= ? AND held = 0 ORDER BY id DESC LIMIT 1",
-                (stream, self.durable_id),
-            ).fetchone()
-        return Row(*r) if r and r[0] not in self._acked else None
+        """The newest durable, unacknowledged, not held row of a stream."""
+        top = self.durable_id
+        want = 1
+        while True:
+            with self._rlock:
+                rows = self._rconn.execute(
+                    "SELECT id, stream, seq, ts, body FROM readings "
+                    "WHERE stream = ? AND id <= ? AND held = 0 ORDER BY id DESC LIMIT ?",
+                    (stream, top, want),
+                ).fetchall()
+            acked = self._acked
+            for r in rows:
+                if r[0] not in acked:
+                    return Row(*r)
+            if len(rows) < want:
+                return None
+            top = rows[-1][0] - 1
+            want = min(want * 2, _SKIP_CHUNK_MAX)
 
     def streams(self) -> list[str]:
         with self._rlock:
