@@ -13,6 +13,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+_SKIP_CHUNK_MAX = 4096
+"""Rows read at a time while skipping acknowledged rows that wait for their deletion."""
+
 
 @dataclass(slots=True, frozen=True)
 class Row:
@@ -47,27 +50,50 @@ class StoreReader:
         return self.page(stream, after_id, limit)[0]
 
     def page(self, stream: str, after_id: int, limit: int) -> tuple[list[Row], int | None]:
-        """``fetch``, and where to go on from: the last id read when ``limit`` rows were read
-        (more may follow, even if acknowledged ones were left out), else None (no more)."""
-        with self._rlock:
-            cur = self._rconn.execute(
-                "SELECT id, stream, seq, ts, body FROM readings "
-                "WHERE stream = ? AND id > ? AND id <= ? AND held = 0 ORDER BY id LIMIT ?",
-                (stream, after_id, self.durable_id, limit),
-            )
-            rows = cur.fetchall()
-        acked = self._acked
-        more = rows[-1][0] if len(rows) == limit else None
-        return [Row(*r) for r in rows if r[0] not in acked], more
+        """``fetch``, and where to go on from: the last id returned when ``limit`` rows were
+        found (more may follow), else None (the stream has no more).
+
+        Acknowledged rows stay in the table until the writer's next commit deletes them, so
+        they are skipped here, past the SQL ``LIMIT``: ``limit`` rows of them must not hide the
+        rows behind (the outbox would take the stream for drained and wait for new rows)."""
+        top = self.durable_id
+        out: list[Row] = []
+        want = limit
+        while True:
+            with self._rlock:
+                rows = self._rconn.execute(
+                    "SELECT id, stream, seq, ts, body FROM readings "
+                    "WHERE stream = ? AND id > ? AND id <= ? AND held = 0 ORDER BY id LIMIT ?",
+                    (stream, after_id, top, want),
+                ).fetchall()
+            acked = self._acked
+            out += [Row(*r) for r in rows if r[0] not in acked]
+            if len(out) >= limit:
+                return out[:limit], out[limit - 1].id
+            if len(rows) < want:
+                return out, None
+            after_id = rows[-1][0]
+            want = min(want * 2, _SKIP_CHUNK_MAX)  # a long acknowledged run: bigger steps
 
     def newest(self, stream: str) -> Row | None:
-        with self._rlock:
-            r = self._rconn.execute(
-                "SELECT id, stream, seq, ts, body FROM readings "
-                "WHERE stream = ? AND id <= ? AND held = 0 ORDER BY id DESC LIMIT 1",
-                (stream, self.durable_id),
-            ).fetchone()
-        return Row(*r) if r and r[0] not in self._acked else None
+        """The newest durable, unacknowledged, not held row of a stream."""
+        top = self.durable_id
+        want = 1
+        while True:
+            with self._rlock:
+                rows = self._rconn.execute(
+                    "SELECT id, stream, seq, ts, body FROM readings "
+                    "WHERE stream = ? AND id <= ? AND held = 0 ORDER BY id DESC LIMIT ?",
+                    (stream, top, want),
+                ).fetchall()
+            acked = self._acked
+            for r in rows:
+                if r[0] not in acked:
+                    return Row(*r)
+            if len(rows) < want:
+                return None
+            top = rows[-1][0] - 1
+            want = min(want * 2, _SKIP_CHUNK_MAX)
 
     def streams(self) -> list[str]:
         with self._rlock:

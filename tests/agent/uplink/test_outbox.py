@@ -84,7 +84,9 @@ def test_a_new_connection_resends_what_was_not_acknowledged(store: Store) -> Non
     assert first is not None and second is not None
     store.ack(first.ids)  # the newest made it; the batch [1, 2] was in flight when the link dropped
     outbox.reset()
-    assert drain(outbox) == [("position", [1, 2]), ("position", [3, 4]), ("position", [5])]
+    # Still a backlog: the newest unacknowledged goes first again (whether or not the writer
+    # has deleted the acknowledged 6 yet).
+    assert drain(outbox) == [("position", [5]), ("position", [1, 2]), ("position", [3, 4])]
 
 
 def test_idle_outbox_notices_new_durable_rows(store: Store) -> None:
@@ -118,3 +120,47 @@ def test_a_small_message_reads_about_what_it_sends(store: Store, monkeypatch) ->
     assert sum(read) <= 2 * len(sent) + 8, (sum(read), len(sent))
     rest = drain(outbox, store)
     assert len(sent) + sum(len(seqs) for _, seqs in rest) == 3_000, "every position once"
+
+
+@pytest.fixture
+def idle_store(tmp_path: Path):
+    """A store without its writer thread: acknowledged rows stay in the table (waiting for
+    their deletion, as between the writer's commits) until the test flushes."""
+    s = Store(tmp_path / "idle.db", device="D")
+    yield s
+    s.close()
+
+
+def test_acknowledged_rows_waiting_for_deletion_do_not_hide_the_rest_of_a_stream(idle_store: Store) -> None:
+    """A connection dies with some batches acknowledged and later ones in flight (mosquitto
+    closing after a refusal). Until the writer deletes the acknowledged rows, the next
+    connection must still find the unacknowledged ones behind them: the store once applied
+    its LIMIT before skipping acknowledged rows, so the stream looked drained, the outbox went
+    idle, and with no new readings (durable_id unchanged) never looked again."""
+    fill(idle_store, "position", 10)
+    outbox = Outbox(idle_store, max_batch=4, max_bytes=1 << 20)
+    first = [outbox.next_batch() for _ in range(3)]
+    assert [b.ids for b in first if b] == [(10,), (1, 2, 3, 4), (5, 6, 7, 8)]
+    idle_store.ack((10,))
+    idle_store.ack((1, 2, 3, 4))  # acknowledged; 5..8 in flight when the connection is lost
+
+    outbox.reset()  # the next connection
+    assert drain(outbox) == [("position", [9]), ("position", [5, 6, 7, 8])]
+    assert outbox.next_batch() is None
+    outbox.reset()
+    assert [r.seq for r in idle_store.fetch("position", 0, 1)] == [5]
+    assert idle_store.newest("position") is not None and idle_store.newest("position").seq == 9  # type: ignore[union-attr]
+
+    idle_store.flush()  # the deletion: nothing changes for the outbox
+    assert drain(outbox) == [("position", [9]), ("position", [5, 6, 7, 8])]
+
+
+def test_a_long_run_of_acknowledged_rows_is_skipped_in_growing_steps(idle_store: Store) -> None:
+    fill(idle_store, "position", 300)
+    idle_store.ack(range(1, 296))
+    idle_store.ack((300,))
+    assert [r.seq for r in idle_store.fetch("position", 0, 2)] == [296, 297]
+    assert [r.seq for r in idle_store.fetch("position", 0, 10)] == [296, 297, 298, 299]
+    assert idle_store.newest("position").seq == 299  # type: ignore[union-attr]
+    idle_store.ack((296, 297, 298, 299))
+    assert idle_store.fetch("position", 0, 5) == [] and idle_store.newest("position") is None
