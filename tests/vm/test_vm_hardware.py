@@ -228,7 +228,10 @@ def test_vm_socketcan_driver_process_cost_at_a_trucks_rate(can_run: dict[str, An
     print("\n" + bench["stdout"])
     new, old, raw = bench["figures"]["rows"]
     assert new["kernel"]["filters"] == 13 and new["kernel"]["rx_dropped"] == 0
-    assert new["unknown_frames"] == 0, "the kernel let no unused PGN through"
+    # The mix is already on the bus when this process opens its socket: what arrives between the
+    # socket's bind and its filters (a few ms) gets through, then nothing unused does (~2,700
+    # frames in the window; 5 seen). The agent's own scenario above opens on a quiet bus: 0.
+    assert new["unknown_frames"] <= 20, "the kernel let unused PGNs through after the filters were set"
     # The kernel passes ~1 frame in 5 of the mix; the driver wakes per batch, not per frame.
     assert new["frames_per_s"] < 0.3 * old["frames_per_s"], (new, old)
     assert new["cs_per_s"] < 0.2 * old["cs_per_s"] and new["cpu_pct"] < old["cpu_pct"], (new, old)
