@@ -144,12 +144,17 @@ def evict(folder: Path) -> None:
     so that what the agent reads from them at start really comes from the disk."""
     for p in folder.iterdir():
         if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict_file(p)
+
+
+def evict_file(path: Path) -> None:
+    """Drop one file from the page cache, written back first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def write_bytes_check(folder: Path, python: str) -> tuple[int, int, int]:

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from _positions import DEVICE, REPO
+from _wear_proc import evict_file
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.demo.broker import Mosquitto, free_port
@@ -87,12 +88,7 @@ def cold(db: Path) -> None:
     for suffix in ("", "-wal", "-shm"):
         p = Path(f"{db}{suffix}")
         if p.exists():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            evict_file(p)
 
 
 def config(tmp: Path, db: Path, port: int) -> Path:
