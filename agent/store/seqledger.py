@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
+
+from agent.model.durablefile import replace_durably
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +83,10 @@ class Ledger:
         """Write atomically (a power cut leaves the old or the new file, never half of one)."""
         data = {"reserved": self.reserved, "floor": self.floor, "chain": list(self.chain) if self.chain else None,
                 "clean": self.clean}
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            replace_durably(self.path, json.dumps(data, separators=(",", ":")).encode())
             return True
         except OSError as e:
             self.write_errors += 1
             log.error("seq ledger %s not written (%s)", self.path, e)
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             return False

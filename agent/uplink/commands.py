@@ -27,7 +27,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import threading
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from typing import Any
 
 from agent.model.chain import canonical
 from agent.model.clock import TimeKeeper
+from agent.model.durablefile import replace_durably
 from agent.model.reading import iso_ms
 
 log = logging.getLogger(__name__)
@@ -107,24 +107,10 @@ class NonceRecord:
             return
         body = {"version": RECORD_VERSION, "floor": self.floor, "nonces": self.nonces}
         data = json.dumps({**body, "sha256": _digest(body)}, separators=(",", ":")).encode()
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            replace_durably(self.path, data)
         except OSError:
             self.write_errors += 1
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             raise
 
 

@@ -282,12 +282,12 @@ def test_the_nonce_is_on_disk_and_fsynced_before_the_action_runs(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from agent.uplink import commands as commands_module
+    from agent.model import durablefile  # the record is written through it
 
     record = tmp_path / "buffer.db.commands"
     events: list[str] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(commands_module.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(durablefile.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
 
     def ping(_args: dict) -> dict:
         events.append("action")
