@@ -19,6 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.store import peek
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -153,7 +155,8 @@ def agent_config(tmp: Path, port: int, *, gps: dict[str, Any] | None = None, mqt
         "device": {"id": "CQ-HN-0042"},
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": "lorry", "reconnect_min_s": 0.2,
                  "reconnect_max_s": 1.0, "keepalive_s": 5, **(mqtt_extra or {})},
-        "store": {"path": str(tmp / "state" / "buffer.db"), "sync_interval_s": 0.2, **(store_extra or {})},
+        "store": {"path": str(tmp / "state" / "buffer.db"), "sync_interval_s": 0.2, "lazy_sync_s": 0.2,
+                  **(store_extra or {})},
         "reporting": {"min_period_s": 0, "min_distance_m": 0, "min_heading_deg": 0},
     }
     if gps is not None:
@@ -208,11 +211,27 @@ class AgentProcess:
 
 def last_seqs(db: Path) -> dict[str, int]:
     """Per stream, the last seq the store handed out (the backend must end up with 1..it)."""
-    import sqlite3
-
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    conn = peek.open_ro(db)
     try:
-        return dict(conn.execute("SELECT stream, last_seq FROM streams").fetchall())
+        return peek.last_seqs(conn, db)  # the journal's newest included (agent/store/journal.py)
+    finally:
+        conn.close()
+
+
+def store_state(db: Path) -> dict[str, str]:
+    """The status values the store holds now, the journal's newest included (agent/store/peek.py)."""
+    conn = peek.open_ro(db)
+    try:
+        return peek.summary(conn, db)[1]
+    finally:
+        conn.close()
+
+
+def store_readings(db: Path, stream: str | None = None) -> list[tuple[str, int, str, bool]]:
+    """(stream, seq, body, held) of what the store holds now: SQLite's rows and the journal's."""
+    conn = peek.open_ro(db)
+    try:
+        return [r for r in peek.readings(conn, db) if stream is None or r[0] == stream]
     finally:
         conn.close()
 
@@ -222,13 +241,10 @@ def store_depth(db: Path) -> int:
 
     if not db.exists():
         return 0
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        return conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+        return peek.depth(db)  # SQLite's rows and the journal's (agent/store/journal.py)
     except sqlite3.OperationalError:
         return 0
-    finally:
-        conn.close()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30, what: str = "condition", *,

@@ -777,9 +777,10 @@ def test_data_dropped_alarms_match_the_document(tmp_path: Path, contract: Contra
                 "lat": 22.0 + i / 1e4, "lon": 106.7, "speed_kmh": 60.0, "course": 180.0, "alt_m": None, "sats": 9,
                 "hdop": 0.9, "fix": "gps"}))
         assert agent.store.flush()
+        assert agent.store.maintain()  # over max_mb: store_full
         later = agent.clock.stamp().ts_ms + 2 * 86_400_000
         agent.store.now_ms = lambda: later  # two days on: everything has waited past max_age_days
-        assert agent.store.maintain()  # what it does every 10 s: too_old, then store_full
+        assert agent.store.maintain()  # what it does every 10 s: too_old
         agent._dropped([Dropped("can", 3, 0, 0, "unwritable")])  # a failing disk: never numbered
         assert agent.store.flush()
         payloads = _published_payloads(agent.store)

@@ -16,7 +16,7 @@ from typing import Any
 
 from agent.daemon.snapshot import SNAPSHOT_KEY, read_live
 from agent.model.reading import iso_ms
-from agent.store.buffer import buffer_summary
+from agent.store import peek
 
 # The daemon refreshes its status at least this often while it runs.
 STALE_S = 90
@@ -27,8 +27,7 @@ def collect(store_path: Path) -> dict[str, Any]:
         return {"store": str(store_path), "error": "no store yet (the agent has never run here)"}
     conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=10)
     try:
-        buffers = buffer_summary(conn)
-        state = dict(conn.execute("SELECT key, value FROM state").fetchall())
+        buffers, state = peek.summary(conn, store_path)
     finally:
         conn.close()
     agent: dict[str, Any] = json.loads(state.get(SNAPSHOT_KEY, "null")) or {}

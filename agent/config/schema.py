@@ -123,10 +123,16 @@ class StoreConfig(Section):
     can hold; a smaller disk is fine (a full disk is handled: agent/store/capacity.py)."""
     max_age_days: Annotated[float, Field(ge=0, le=3650)] = 30
     """Unsent readings older than this (seal events and alarms excepted) are shed. 0: none."""
-    sync_interval_s: Annotated[float, Field(ge=0, le=60)] = 1.0
-    """How often buffered readings are made power-cut safe (fsync). Readings are committed
-    (crash safe) at once; only durable ones are sent, so a power cut never makes a seq
-    number that the backend has seen come back with another reading."""
+    sync_interval_s: Annotated[float, Field(ge=0, le=300)] = 40.0
+    """How often new readings are made power-cut safe (one fsync of the journal for all of
+    them), and so the most a power cut can lose of ordinary readings. Readings are written
+    (crash safe) at once, and only durable ones are sent: this is also how late a position can
+    reach the backend. Seal events and alarms are made durable at once. The trade-off:
+    docs/reporting.md."""
+    lazy_sync_s: Annotated[float, Field(ge=0, le=3600)] = 600.0
+    """How long the agent's own health readings may wait for that fsync (they usually ride
+    along with the others): a parked lorry's health reading every 5 min must not cost an fsync
+    each. Never shorter than sync_interval_s."""
 
 
 class ProfileConfig(Section):

@@ -37,6 +37,9 @@ from drivers.base import Driver
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+SNAPSHOT_WITHIN_S = 5.0
+"""Without a RAM file (not under systemd) the snapshot goes to the store, this fresh: one small journal
+write and fsync per 5 s when nothing else is written. Under systemd it stays in RAM."""
 RESTART_BACKOFF_S = (1.0, 60.0)
 """A crashed driver is restarted after this capped, jittered backoff (first, longest)."""
 STEADY_S = 60.0
@@ -101,6 +104,7 @@ class Agent:
             store_path = Path(self._tmpdir) / "buffer.db"
         self.clock = TimeKeeper(trust_system_clock=config.time.trust_system_clock)
         self.store = Store(store_path, device=config.device.id, sync_interval_s=config.store.sync_interval_s,
+                           lazy_sync_s=config.store.lazy_sync_s,
                            chain=Chain(config.device.id, read_key(config.chain.hmac_key_file)),
                            max_bytes=int(config.store.max_mb * 1024 * 1024),
                            max_age_s=config.store.max_age_days * 86400, on_drop=self._dropped,
@@ -121,7 +125,7 @@ class Agent:
         live = None if dry_run else runtime_file()
         self.live = LiveSnapshot(live) if live is not None else None
         """The running agent's snapshot in RAM (agent/daemon/snapshot.py); None: kept in the store."""
-        self.store.set_state(LIVE_FILE_KEY, str(live or ""))
+        self.store.set_state(LIVE_FILE_KEY, str(live or ""), within_s=0)  # where status finds it
         self.notifier = Notifier()
         self.started_wall = time.time()
         self.started_mono = time.monotonic()
@@ -293,6 +297,8 @@ class Agent:
             self._drivers_stopping = time.monotonic()
         stopped = (all(not t.is_alive() for t in self._driver_threads)
                    or time.monotonic() - self._drivers_stopping > DRIVER_STOP_S)
+        if stopped:
+            self.store.sync_soon()  # nothing more comes: no reason to wait for the group commit
         return stopped and self.store.pending() == 0
 
     def _shutdown(self) -> None:
@@ -354,7 +360,8 @@ class Agent:
         snapshot = self.snapshot()
         if not to_store and self.live is not None and self.live.write(snapshot):
             return
-        self.store.set_state(SNAPSHOT_KEY, json.dumps(snapshot, default=str))
+        # Without the RAM file, status reads it from the store: fresh within its STALE_S.
+        self.store.set_state(SNAPSHOT_KEY, json.dumps(snapshot, default=str), within_s=SNAPSHOT_WITHIN_S)
 
 
 def run(config: Config, *, dry_run: bool = False, until_drained: bool = False) -> int:

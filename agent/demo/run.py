@@ -156,7 +156,8 @@ def run_demo(*, speed: float = 1000.0, workdir: Path | None = None, out: TextIO)
     base = config_mod.load(DEMO_CONFIG)
     cfg = base.model_copy(update={
         "mqtt": base.mqtt.model_copy(update={"port": broker.port, "reconnect_min_s": 0.5, "reconnect_max_s": 2.0}),
-        "store": base.store.model_copy(update={"path": workdir / "buffer.db", "sync_interval_s": 0.2}),
+        "store": base.store.model_copy(update={"path": workdir / "buffer.db", "sync_interval_s": 0.2,
+                                                       "lazy_sync_s": 0.2}),
         "gps": base.gps.model_copy(update={"replay_speed": speed}) if base.gps else None,
     })
     backend = DemoBackend(broker.port, cfg.mqtt.topic_prefix, out)

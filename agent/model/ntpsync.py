@@ -36,6 +36,7 @@ TIMEDATED = DBusAddress("/org/freedesktop/timedate1", bus_name="org.freedesktop.
 log = logging.getLogger(__name__)
 _bus_failure_logged = False
 _asking: threading.Thread | None = None
+_asking_lock = threading.Lock()
 
 
 def kernel_clock_synchronised() -> bool:
@@ -52,12 +53,14 @@ def timedated_ntp_synchronised(address: str | None = None, timeout_s: float = BU
     own Hello, and a stuck bus must not stall the agent (its watchdog would kill it). While a
     stuck question is still out, no new one is asked."""
     global _asking
-    if _asking is not None and _asking.is_alive():
-        return False
     answer: list[bool] = []
-    _asking = threading.Thread(target=_ask, args=(address, timeout_s, answer), name="ntp-sync-query", daemon=True)
-    _asking.start()
-    _asking.join(timeout_s)
+    with _asking_lock:  # the clock is asked from several threads (the store's, the main loop)
+        if _asking is not None and _asking.is_alive():
+            return False
+        asking = _asking = threading.Thread(target=_ask, args=(address, timeout_s, answer),
+                                            name="ntp-sync-query", daemon=True)
+        asking.start()
+    asking.join(timeout_s)
     if not answer:
         _failed(TimeoutError(f"no answer within {timeout_s} s"))
     return bool(answer) and answer[0]

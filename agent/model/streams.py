@@ -21,6 +21,9 @@ rest of the agent decides by a stream's name. Nothing else in ``agent/`` lists s
   cannot hold or throttle it (agent/config/regions.py, agent/uplink/regions.py).
 - **newest first**: when a connection starts with a backlog, the stream's newest reading goes
   first, alone, then the backlog oldest first (agent/uplink/outbox.py).
+- **lazy** (health only): may wait ``[store] lazy_sync_s`` for the journal's fsync instead of
+  ``sync_interval_s`` (agent/store/writer.py): a parked lorry's health reading every 5 min must
+  not cost an fsync each.
 - **shed for size**: the steps, in step order across streams, in which the store thins the
   older half of a stream when it is over ``[store] max_mb`` (agent/store/retention.py):
   ``(step, every)``, every 1 sheds all of it, every 3 two of every three.
@@ -58,6 +61,9 @@ class Stream:
     shed: tuple[tuple[int, int], ...] = ()
     """``(step, every)``: at that step of shedding for size, the older half of the stream goes,
     all of it (every 1) or all but one in ``every``."""
+    lazy: bool = False
+    """Made durable with the journal's next fsync, or ``[store] lazy_sync_s`` after it was
+    taken: the agent's own periodic readings, which a power cut costs one of at most."""
     catalogued: bool = True
     """False for a stream the catalogue does not know (see the module's note)."""
 
@@ -69,7 +75,7 @@ CATALOGUE: tuple[Stream, ...] = (
     Stream(IGNITION, never_shed=True),
     Stream(TEMPERATURE, shed=((4, 3),)),
     Stream(CAN, shed=((2, 1), (6, 1))),
-    Stream(HEALTH, shed=((1, 1),)),
+    Stream(HEALTH, shed=((1, 1),), lazy=True),
 )
 """In priority order."""
 

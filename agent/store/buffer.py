@@ -1,24 +1,28 @@
-"""Store-and-forward buffer: every reading lands in SQLite before anyone tries to send it.
+"""Store-and-forward buffer: every reading is on disk before anyone tries to send it.
 
 Durability has two steps, so that neither a crash of the agent nor a power cut loses or
 re-numbers anything the backend may have seen:
 
-* **committed** — each reading is committed to the write-ahead log as soon as the writer
-  thread takes it (readings that arrive together share one transaction). A crash or SIGKILL of
-  the agent loses nothing committed; the OS holds it.
-* **durable** — every ``sync_interval_s`` (at once for urgent readings) a commit runs with
-  ``synchronous=FULL``, which fsyncs the whole WAL and so every commit before it. Only rows at
-  or below this durable mark are handed to the uplink, so a power cut can only lose readings
-  that nobody has seen, and a seq number the backend holds never returns with other content.
+* **written** — the writer thread numbers the readings it takes together and appends them to
+  the journal (agent/store/journal.py) in one ``write()``. A crash or SIGKILL of the agent
+  loses nothing written; the OS holds it.
+* **durable** — every ``sync_interval_s`` (``lazy_sync_s`` for lazy streams; at once for
+  urgent readings) one ``fdatasync`` of the journal makes everything written durable. Only
+  durable readings are handed to the uplink, so a power cut can only lose readings that nobody
+  has seen (at most ``sync_interval_s`` of them), and a seq number the backend holds never
+  returns with other content.
 
-Each stream numbers its readings 1, 2, 3… with no gaps; the counter is committed in the same
-transaction as the rows. A row is deleted only after the broker acknowledged it (``ack``);
-deletions ride along with the next commit, so an acknowledgement costs no write of its own.
+Readings the broker acknowledges while still in the journal never reach SQLite; the rest are
+folded into it in large transactions (agent/store/fold.py), where they wait, indexed, for as
+long as the lorry is out of coverage. Each stream numbers its readings 1, 2, 3… with no gaps.
+A SQLite row is deleted only after the broker acknowledged it (``ack``), with the writer's
+next commit.
 
-The Store is one object in four modules: this one (opening, the calls producers and the uplink
-make, seq continuity after a lost file), agent/store/writer.py (the writer thread and its
-commit), agent/store/held.py (readings waiting for a trusted time), agent/store/reader.py
-(what the uplink and status read); agent/store/schema.py opens the file.
+The Store is one object in several modules: this one (opening, the calls producers and the
+uplink make, seq continuity after a lost file), agent/store/writer.py (the writer thread),
+agent/store/fold.py (into SQLite), agent/store/tail.py (the journal's readings in memory),
+agent/store/held.py (readings waiting for a trusted time), agent/store/reader.py (what the
+uplink and status read); agent/store/schema.py opens the file.
 """
 
 from __future__ import annotations
@@ -34,14 +38,17 @@ from typing import Any
 
 from agent.model.chain import Chain
 from agent.model.reading import Reading, encode_parts
-from agent.store import integrity, retention
+from agent.store import fold, integrity, retention
 from agent.store.capacity import Space
+from agent.store.fold import ACK_BATCH, ACK_DELAY_S
 from agent.store.held import HeldReadings
+from agent.store.journal import Journal
 from agent.store.lock import StoreLock
 from agent.store.reader import Row, StoreReader, buffer_summary
 from agent.store.schema import SCHEMA_VERSION, StoreUnusable, check_path, connect, create_schema, open_db
 from agent.store.seqledger import Ledger
-from agent.store.writer import ACK_BATCH, STOP, Maintain, StoreWriter
+from agent.store.tail import Tail
+from agent.store.writer import JOURNAL_ACK_S, STATE_INTERVAL_S, STOP, Maintain, StoreWriter
 
 __all__ = ["SCHEMA_VERSION", "Row", "Store", "StoreUnusable", "buffer_summary"]
 
@@ -56,12 +63,15 @@ class Store(StoreWriter, HeldReadings, StoreReader):
     """The SQLite buffer. ``append`` and ``ack`` may be called from any thread."""
 
     def __init__(self, path: Path | str, *, device: str, sync_interval_s: float = 1.0,
+                 lazy_sync_s: float | None = None,
                  chain: Chain | None = None, max_bytes: int = 0, max_age_s: float = 0,
                  on_drop: Callable[[list[retention.Dropped]], None] | None = None,
                  now_ms: Callable[[], int | None] = _system_now_ms):
         self.path = Path(path)
         self.device = device
         self.sync_interval_s = sync_interval_s
+        self.lazy_sync_s = max(sync_interval_s, sync_interval_s if lazy_sync_s is None else lazy_sync_s)
+        """How long a reading of a lazy stream (health) may wait for the journal's fsync."""
         self.chain = chain
         """Links seal and alarm events as they are committed (agent/model/chain.py)."""
         self.max_bytes = max_bytes
@@ -95,20 +105,42 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         self._rconn = connect(self.path)
         self._rlock = threading.Lock()
 
+        if self.chain is not None:
+            saved = dict(self._wdb.execute(
+                "SELECT key, value FROM state WHERE key IN ('chain_seq', 'chain_hash')").fetchall())
+            if saved:
+                self.chain.restore(int(saved["chain_seq"]), saved["chain_hash"])
+        jpath = self.path.with_name(self.path.name + ".journal")
+        # What a crash or power cut left in the journal goes into SQLite before anything runs.
+        journal_top, self.journal_damage = fold.replay(self._wdb.conn, jpath, self.chain, self.ledger)
+        self.journal = Journal(jpath)
+        self.journal.reset()
+        self.tail = Tail()
+        self.folds = 0
         self._seq: dict[str, int] = dict(self._wdb.execute("SELECT stream, last_seq FROM streams").fetchall())
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._queued = 0
         self._count_lock = threading.Lock()
         self._acked: set[int] = set()
+        self._journal_acks: list[int] = []
+        self._journal_acks_at = 0.0
+        """Journal rows acknowledged since the last write: recorded with the next one."""
         self._ack_lock = threading.Lock()
         self._visibility = threading.Lock()
         self._state: dict[str, str] = {}
-        self._state_dirty_since: float | None = None
-        self._undurable_since: float | None = None
+        self._state_due_at: float | None = None
+        self._state_dirty: set[str] = set()
+        """Status values changed since they were last journaled."""
+        self._sync_at: float | None = None
+        self._acks_at = 0.0
+        self._fold_retry_at = 0.0
         self._full_sync = False
         max_id = self._wdb.execute("SELECT COALESCE(MAX(id), 0) FROM readings").fetchone()[0]
+        used = self._wdb.execute("SELECT seq FROM sqlite_sequence WHERE name = 'readings'").fetchone()
+        self._next_id = max(max_id, journal_top, used[0] if used else 0) + 1
+        self._visible_top: dict[str, int] = {}
         self.durable_id: int = max_id
-        """Rows with an id up to here are fsynced and may be sent."""
+        """The highest id offered to the uplink: it rises as readings become durable."""
         self._changed = threading.Condition()
         self.commits = 0
         self.durable_commits = 0
@@ -122,15 +154,12 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         self.full_errors = 0
         self._full = False
         self._next_maintenance = 0.0
-        if self.chain is not None:
-            saved = dict(self._wdb.execute(
-                "SELECT key, value FROM state WHERE key IN ('chain_seq', 'chain_hash')").fetchall())
-            if saved:
-                self.chain.restore(int(saved["chain_seq"]), saved["chain_hash"])
-        self.resumed: list[retention.Dropped] = self._resume(damaged=aside is not None)
+        self.resumed: list[retention.Dropped] = self._resume(damaged=aside is not None) + self.journal_damage
         """Seq ranges a fresh store continued above (agent/store/seqledger.py), reported at start."""
         self.space = Space(self._wdb.conn, self.path, self._report)
         """Size and age limits, and the full-disk reserve (agent/store/capacity.py)."""
+        self._journal_max = max(64 * 1024, self.space.ballast.size())
+        """The journal is folded into SQLite past this size (agent/store/writer.py)."""
         self.release_gen = 0
         self.releases: list[tuple[int, str, int]] = []
         """(generation, stream, lowest id) of recent releases: the outbox pages back to them."""
@@ -191,9 +220,22 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         self._q.put((reading.stream, reading.ts_ms or 0, head, tail, reading.urgent, held))
 
     def ack(self, ids: Iterable[int]) -> None:
-        """The broker has these rows: delete them with the next commit."""
+        """The broker has these rows: forgotten if they are still in the journal, else deleted
+        from SQLite with the next commit."""
+        ids = list(ids)
+        in_sqlite = self.tail.discard(ids)
+        if len(in_sqlite) < len(ids):
+            gone = set(ids).difference(in_sqlite)
+            with self._ack_lock:
+                if not self._journal_acks:
+                    self._journal_acks_at = time.monotonic() + JOURNAL_ACK_S
+                self._journal_acks.extend(gone)
+        if not in_sqlite:
+            return
         with self._ack_lock:
-            self._acked.update(ids)
+            if not self._acked:
+                self._acks_at = time.monotonic() + ACK_DELAY_S
+            self._acked.update(in_sqlite)
             big = len(self._acked) >= ACK_BATCH
         if big:
             self._q.put(None)
@@ -214,6 +256,7 @@ class Store(StoreWriter, HeldReadings, StoreReader):
                 rows += self._rconn.execute(
                     f"SELECT id, seq FROM readings WHERE stream = ? AND id IN ({','.join('?' * len(chunk))})",
                     (stream, *chunk)).fetchall()
+        rows += [(r.id, r.seq) for r in self.tail.get(stream, set(wanted))]
         if not rows:
             return True
         rows.sort(key=lambda r: r[1])
@@ -249,20 +292,29 @@ class Store(StoreWriter, HeldReadings, StoreReader):
             row = self._rconn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def set_state(self, key: str, value: str) -> None:
-        """Keep a status value (last fix, counters…) for ``lorry-agent status``; written lazily."""
+    def set_state(self, key: str, value: str, within_s: float = STATE_INTERVAL_S) -> None:
+        """Keep a status value (last fix, counters…) for ``lorry-agent status``: written with
+        the journal's next fsync, at the latest ``within_s`` from now."""
         if self._state.get(key) != value:
             self._state[key] = value
-            if self._state_dirty_since is None:
-                self._state_dirty_since = time.monotonic()
+            self._state_dirty.add(key)
+            due = time.monotonic() + within_s
+            if self._state_due_at is None or due < self._state_due_at:
+                self._state_due_at = due
+                self._q.put(None)  # the writer's wait may end later than this
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Commit everything queued so far and make it durable; True once done."""
+        """Write everything queued so far and make it durable; True once done."""
         if self._thread is None or not self._thread.is_alive():
             return self._commit_all()
         done = threading.Event()
         self._q.put(done)
         return done.wait(timeout)
+
+    def sync_soon(self) -> None:
+        """Make what is written durable now, without waiting (the sources have ended)."""
+        if self.tail.unsynced:
+            self._q.put(threading.Event())
 
     def close(self) -> None:
         """Final commit (durable), then release the database."""
@@ -275,6 +327,7 @@ class Store(StoreWriter, HeldReadings, StoreReader):
             self.ledger.floor.update(self._floors({}))
         except sqlite3.Error as e:
             log.error("store: seq floors not updated at stop (%s)", e)
+        self.journal.close()
         self._wdb.conn.close()
         with self._rlock:
             self._rconn.close()  # the last connection: SQLite folds the WAL in and removes it
@@ -295,6 +348,7 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         """Per stream, the lowest seq not yet acknowledged (for the ledger)."""
         floors = {s: n + 1 for s, n in self._seq.items()}
         floors.update({s: self._seq.get(s, 0) + 1 for s in seq if s not in floors})
+        floors.update(self.tail.first_seq())  # the journal's readings: above any in SQLite
         # A stream's seqs rise with its ids: its lowest seq is its first row's (readings_stream),
         # found without reading the backlog (MIN(seq) would read every row).
         floors.update((s, n) for s, n in self._wdb.execute(

@@ -1,8 +1,8 @@
 """Reading the store: what the uplink may send next, and what status shows.
 
-The uplink's reads go through their own connection (the writer thread owns the other): only
-durable rows (up to ``durable_id``), never held ones, never rows acknowledged and waiting for
-their deletion.
+The uplink's reads go through their own connection (the writer thread owns the other) and
+the journal's readings in memory (agent/store/tail.py), merged by id: only durable rows, never
+held ones, never rows acknowledged and waiting for their deletion.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from typing import Any
+
+from agent.store.tail import Tail, TailRow
 
 _SKIP_CHUNK_MAX = 4096
 """Rows read at a time while skipping acknowledged rows that wait for their deletion."""
@@ -37,6 +39,7 @@ class StoreReader:
     _acked: set[int]
     _queued: int
     durable_id: int
+    tail: Tail
 
     def wait_for_change(self, seen_durable_id: int, timeout: float) -> int:
         """Block until rows beyond ``seen_durable_id`` are durable, or timeout."""
@@ -51,11 +54,22 @@ class StoreReader:
 
     def page(self, stream: str, after_id: int, limit: int) -> tuple[list[Row], int | None]:
         """``fetch``, and where to go on from: the last id returned when ``limit`` rows were
-        found (more may follow), else None (the stream has no more).
+        found (more may follow), else None (the stream has no more)."""
+        # The journal's first: a row folded into SQLite in between is then found in one or
+        # both (the fold commits before it leaves the tail), never in neither.
+        extra = self.tail.page(stream, after_id, limit)
+        rows, more = self._sql_page(stream, after_id, limit)
+        if not extra:
+            return rows, more
+        merged = {r.id: r for r in rows} | {r.id: _row(r) for r in extra}
+        out = [merged[i] for i in sorted(merged)][:limit]
+        return out, out[-1].id if len(out) == limit else None
 
-        Acknowledged rows stay in the table until the writer's next commit deletes them, so
-        they are skipped here, past the SQL ``LIMIT``: ``limit`` rows of them must not hide the
-        rows behind (the outbox would take the stream for drained and wait for new rows)."""
+    def _sql_page(self, stream: str, after_id: int, limit: int) -> tuple[list[Row], int | None]:
+        """SQLite's part of ``page``. Acknowledged rows stay in the table until the writer's
+        next commit deletes them, so they are skipped here, past the SQL ``LIMIT``: ``limit``
+        rows of them must not hide the rows behind (the outbox would take the stream for
+        drained and wait for new rows)."""
         top = self.durable_id
         out: list[Row] = []
         want = limit
@@ -77,6 +91,10 @@ class StoreReader:
 
     def newest(self, stream: str) -> Row | None:
         """The newest durable, unacknowledged, not held row of a stream."""
+        row = self.tail.newest(stream)  # the journal's are newer than any in SQLite
+        return _row(row) if row is not None else self._sql_newest(stream)
+
+    def _sql_newest(self, stream: str) -> Row | None:
         top = self.durable_id
         want = 1
         while True:
@@ -97,12 +115,18 @@ class StoreReader:
 
     def streams(self) -> list[str]:
         with self._rlock:
-            return [r[0] for r in self._rconn.execute("SELECT stream FROM streams")]
+            names = [r[0] for r in self._rconn.execute("SELECT stream FROM streams")]
+        return names + sorted(self.tail.streams() - set(names))
 
     def depth(self) -> dict[str, int]:
-        """Rows per stream (``streams.depth``, kept by triggers: agent/store/schema.py)."""
-        with self._rlock:
-            return dict(self._rconn.execute("SELECT stream, depth FROM streams ORDER BY stream").fetchall())
+        """Readings per stream in SQLite (``streams.depth``, kept by triggers:
+        agent/store/schema.py) and in the journal."""
+        with self._visibility:
+            with self._rlock:
+                out = dict(self._rconn.execute("SELECT stream, depth FROM streams ORDER BY stream").fetchall())
+            for stream, n in self.tail.depth().items():
+                out[stream] = out.get(stream, 0) + n
+        return dict(sorted(out.items()))
 
     @property
     def queued(self) -> int:
@@ -113,9 +137,10 @@ class StoreReader:
         """Readings not yet acknowledged by the broker (queued, buffered or in flight)."""
         with self._count_lock:
             queued = self._queued  # read first: a reading moves from queued to a row, never back
-        with self._visibility, self._rlock:
-            n: int = self._rconn.execute("SELECT COALESCE(SUM(depth), 0) FROM streams").fetchone()[0]
-            n -= len(self._acked)
+        with self._visibility:
+            with self._rlock:
+                n: int = self._rconn.execute("SELECT COALESCE(SUM(depth), 0) FROM streams").fetchone()[0]
+            n += sum(self.tail.depth().values()) - len(self._acked)
         return n + queued
 
 
@@ -147,3 +172,7 @@ def buffer_summary(conn: sqlite3.Connection, lock: threading.Lock | None = None)
         s: {"count": n, "last_seq": last, "oldest_ts_ms": oldest, "oldest_seq": first, "held": held}
         for s, last, n, oldest, first, held in rows
     }
+
+
+def _row(r: TailRow) -> Row:
+    return Row(r.id, r.stream, r.seq, r.ts, r.body)

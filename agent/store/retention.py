@@ -34,7 +34,8 @@ class Dropped:
     count: int
     first_seq: int
     last_seq: int
-    reason: str  # "store_full", "too_old", "unwritable", "store_damaged", "store_missing", "too_large", "undeliverable"
+    reason: str  # "store_full", "too_old", "unwritable", "store_damaged", "store_missing", "journal_damaged",
+    # "too_large", "undeliverable"
 
 
 def used_bytes(conn: sqlite3.Connection) -> int:

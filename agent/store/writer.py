@@ -1,12 +1,15 @@
-"""The store's writer thread: group commit, seq numbering, acknowledged deletions, durability.
+"""The store's writer thread: seq numbering, the journal's group commit, folds, durability.
 
-One thread owns the write connection. It commits whatever is queued in one transaction, assigns
-each stream's ``seq`` in the same transaction as the rows (and links chained events), deletes
-acknowledged rows with the next commit, writes status values lazily, and every
-``sync_interval_s`` (at once for urgent readings) commits with ``synchronous=FULL``, which
-fsyncs the whole WAL: the new durable mark is what the uplink may send. On a full disk it
-commits evidence first and the rest in chunks; while nothing can be written it keeps memory
-bounded by giving up the least valuable readings, announced.
+One thread owns the journal (agent/store/journal.py) and the SQLite write connection. Readings
+queued together are numbered (seq per stream, linked into the chain if their stream is
+chained) and appended to the journal in one ``write()``: crash safe at once. Every
+``sync_interval_s`` (``lazy_sync_s`` for lazy streams such as health; at once for urgent
+readings, a flush or the stop) one ``fdatasync`` makes everything appended durable: only then
+may the uplink send it. Acknowledged readings are forgotten; the others are folded into SQLite
+in large transactions (agent/store/fold.py) once an hour, past 10,000 readings, when the
+journal passes 4 MB, and at the stop. When the journal cannot be written, readings go straight
+into SQLite (durably); on a full disk evidence first and the rest in chunks, and while nothing
+can be written memory stays bounded by giving up the least valuable readings, announced.
 """
 
 from __future__ import annotations
@@ -16,37 +19,42 @@ import queue
 import sqlite3
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
-
 from agent.model import streams
-from agent.model.chain import Chain
-from agent.store import retention
+from agent.store import fold, retention
+from agent.store.bounds import Bounds
 from agent.store.capacity import Space
+from agent.store.fold import Folding
 from agent.store.seqledger import Ledger
+from agent.store.tail import TailRow
 
 log = logging.getLogger(__name__)
 
-# How long the writer waits before retrying a commit that failed (disk error, lock).
+# How long the writer waits before retrying what failed (disk error, lock).
 _RETRY_S = 1.0
-# Acknowledged rows are deleted with the next commit, or on their own after this delay or
-# past this many.
-_ACK_DELAY_S = 0.5
-ACK_BATCH = 2000
-# Status values are written with the next commit, or on their own after this long.
-_STATE_INTERVAL_S = 30.0
+# Status values ride along with the journal's next fsync, or go on their own after this long
+# (Store.set_state may ask for sooner).
+STATE_INTERVAL_S = 900.0
 _IDLE_S = 5.0
-# Readings per transaction: bounds the WAL a backlog commit needs (see the reserve).
+# Acknowledgements of journal rows ride along with the next readings, or go on their own
+# (written, never fsynced for their sake) after this long.
+JOURNAL_ACK_S = 5.0
+# Readings per batch: bounds a write (and a SQLite transaction).
 _MAX_BATCH = 5_000
-# Readings held in memory while the store cannot be written (disk full, failing card).
-_MAX_PENDING = 50_000
 _MAINTENANCE_S = 10.0
 # On a full disk, readings are committed in chunks of this many (evidence first).
 _FULL_CHUNK = 500
+# After a failed fold (SQLite unwritable, the journal still fine), the next try waits this long.
+_FOLD_RETRY_S = 10.0
+# A fold is due when the journal's oldest unacknowledged reading has been durable this long,
+# past this many readings, or when the journal file passes the full-disk reserve's size (4 MB,
+# less on a small filesystem: agent/store/reserve.py), so that on a full disk the backlog is
+# in SQLite, where the store can thin it, and the reserve can take the journal's last part.
+FOLD_S = 3600.0
+FOLD_ROWS = 10_000
 STOP = object()
 
 
@@ -60,35 +68,36 @@ class Release:
     resolve: Callable[[int, str, int], tuple[int, bool] | None]
 
 
-class StoreWriter:
+class StoreWriter(Folding, Bounds):
     """The writer-thread half of the Store (agent/store/buffer.py), which sets these up."""
 
-    _wdb: sqlite_utils.Database
     _q: queue.SimpleQueue[Any]
-    _seq: dict[str, int]
+    _journal_acks: list[int]
+    _journal_acks_at: float
     _queued: int
     _count_lock: threading.Lock
-    _acked: set[int]
-    _ack_lock: threading.Lock
-    _visibility: threading.Lock
-    _state: dict[str, str]
-    _state_dirty_since: float | None
-    _undurable_since: float | None
-    _full_sync: bool
+    _state_due_at: float | None
+    _state_dirty: set[str]
+    _sync_at: float | None
+    _acks_at: float
+    _fold_retry_at: float
+    _journal_max: int
     _full: bool
     _next_maintenance: float
+    _next_id: int
+    _visible_top: dict[str, int]
     _changed: threading.Condition
     durable_id: int
-    commits: int
-    durable_commits: int
     commit_errors: int
     full_errors: int
     last_error: str | None
     held: int
-    chain: Chain | None
+    release_gen: int
+    releases: list[tuple[int, str, int]]
     ledger: Ledger
     space: Space
     sync_interval_s: float
+    lazy_sync_s: float
     max_bytes: int
     max_age_ms: int
     now_ms: Callable[[], int | None]
@@ -99,10 +108,11 @@ class StoreWriter:
         def _report(self, dropped: list[retention.Dropped]) -> None: ...
 
     def _commit_all(self) -> bool:
-        """Commit everything queued, without the writer thread (before start, after a stop)."""
+        """Everything queued and journaled into SQLite, without the writer thread (before
+        start, after a stop)."""
         while True:
             batch, _markers = self._drain()
-            if not self._commit(batch, durable=True):
+            if not self._fold_in(batch):
                 return False
             if not batch:
                 return True
@@ -117,71 +127,231 @@ class StoreWriter:
             batch, markers = self._drain(first)
             stop = STOP in markers
             flushes = [m for m in markers if isinstance(m, threading.Event)]
-            for m in markers:
-                if isinstance(m, Release):
-                    self._release(m.resolve)
-                elif isinstance(m, Maintain):
-                    self._maintain()
-                    m.done.set()
-            durable = stop or bool(flushes) or self._sync_due() or any(r[4] for r in batch)
-            if batch or durable or self._acks_due() or self._state_due():
-                while not self._commit_all_of(batch, durable):
+            urgent = any(r[4] for r in batch)
+            if batch and not self._take(batch):
+                while not self._fold_in(batch):  # the journal failed: SQLite, durably
                     if stop:
                         log.error("final commit failed; %d readings not stored", len(batch))
                         break
                     time.sleep(_RETRY_S)
                     more, later = self._drain()
                     batch = self._bounded(batch + more)
-                    durable = durable or any(r[4] for r in more)
                     stop = stop or STOP in later
                     flushes += [m for m in later if isinstance(m, threading.Event)]
+            if stop or flushes or urgent or self._sync_due() or self._state_due():
+                self._sync()
+            for m in markers:
+                if isinstance(m, Release):
+                    # Held readings are released in SQLite: the journal's go there first, once
+                    # one of them can be.
+                    if any(m.resolve(*r.hold) is not None for r in self.tail.all_rows() if r.hold):
+                        self._fold_in([])
+                    self._release(m.resolve)
+                elif isinstance(m, Maintain):  # asked for: the limits apply to every reading
+                    self._fold_in([])
+                    self._maintain()
+                    m.done.set()
+            if stop or self._fold_due():
+                if not self._fold_in([]):
+                    self._fold_retry_at = time.monotonic() + _FOLD_RETRY_S
+                    self._bound_tail()
+                if stop and self.tail.all_rows():
+                    log.error("final fold failed; the journal keeps %d readings for the next start",
+                              len(self.tail.all_rows()))
+            elif self._acked:
+                self._delete_acked(now=bool(flushes))
+            if self._journal_acks and time.monotonic() >= self._journal_acks_at:
+                self._write_acks()
             for f in flushes:
                 f.set()
             if time.monotonic() >= self._next_maintenance:
                 self._maintain()
 
-    def _commit_all_of(self, batch: list[tuple[Any, ...]], durable: bool) -> bool:
-        """Commit the batch; on a full store, evidence first and the rest in chunks, so what
-        fits gets in. What was committed leaves ``batch`` (it is changed in place)."""
-        if self._commit(batch, durable=durable):
+    # -- numbering and the journal ------------------------------------------------------------
+
+    def _number(self, batch: list[tuple[Any, ...]]) -> tuple[list[TailRow], list[list[Any]]]:
+        """Seq, id and chain link for each reading (the caller restores them on failure)."""
+        rows, records = [], []
+        chain = self.chain
+        stored = self.now_ms()
+        seq = self._seq
+        for stream, ts, head, tail, _urgent, hold in batch:
+            n = seq.get(stream, 0) + 1
+            seq[stream] = n
+            body = f"{head}{n}{tail}"
+            link = None
+            if hold is None and chain is not None and stream in streams.CHAINED:
+                body = chain.link(body)  # held ones are chained once their time is known
+                link = chain.state()
+            row = TailRow(self._next_id, stream, n, ts, body, hold, stored)
+            self._next_id += 1
+            rows.append(row)
+            records.append(fold.record(row, link))
+        if self.ledger.needs_reserve(seq):  # on disk before any of these seqs can be
+            try:
+                self.ledger.reserve(seq, self._floors(seq))
+            except sqlite3.Error as e:
+                log.error("store: seq ledger not updated (%s)", e)
+        return rows, records
+
+    def _snapshot(self) -> tuple[dict[str, int], int, tuple[int, str] | None]:
+        return dict(self._seq), self._next_id, self.chain.state() if self.chain is not None else None
+
+    def _restore(self, saved: tuple[dict[str, int], int, tuple[int, str] | None]) -> None:
+        self._seq, self._next_id, chain = saved  # nothing of the batch exists: nor do its links
+        if self.chain is not None and chain is not None:
+            self.chain.restore(*chain)
+
+    def _take(self, batch: list[tuple[Any, ...]]) -> bool:
+        """Number the batch and append it to the journal (crash safe, not yet durable)."""
+        saved = self._snapshot()
+        rows, records = self._number(batch)
+        if not self._write_acks(records):
+            self._restore(saved)
+            return False
+        self.tail.add_unsynced(rows)
+        self.held += sum(1 for r in rows if r.hold is not None)
+        with self._count_lock:
+            self._queued -= len(rows)
+        now = time.monotonic()
+        wait = min(self.lazy_sync_s if streams.get(r.stream).lazy else self.sync_interval_s for r in rows)
+        if self._sync_at is None or now + wait < self._sync_at:
+            self._sync_at = now + wait
+        return True
+
+    def _write_acks(self, records: list[list[Any]] | None = None) -> bool:
+        """Append ``records`` after the journal rows acknowledged since the last write (so a
+        replay, or a look from outside, knows they went; never fsynced for their sake)."""
+        with self._ack_lock:
+            acks, self._journal_acks = self._journal_acks, []
+        ok = self.journal.append(([["a", fold.ranges(acks)]] if acks else []) + (records or []))
+        if not ok:
+            with self._ack_lock:
+                self._journal_acks += acks
+        return ok
+
+    def _sync(self) -> None:
+        """fdatasync the journal (status values ride along): its readings become durable and
+        are offered. If the journal fails, they go into SQLite instead."""
+        state = self._state_due_at is not None
+        if not self.tail.unsynced and not state:
+            return
+        changed = [["s", k, self._state[k]] for k in list(self._state_dirty)]
+        if changed and not self.journal.append(changed):
+            self._fold_in([])
+            return
+        if not self.journal.sync():
+            self._fold_in([])
+            return
+        rows = self.tail.synced(time.monotonic())
+        self.durable_commits += 1
+        self._sync_at = None
+        self._state_due_at = None
+        for _s, k, v in changed:
+            if self._state.get(k) == v:  # not set again meanwhile (another thread)
+                self._state_dirty.discard(k)
+        self._made_visible(rows)
+        self._save_chain()
+
+    def _made_visible(self, rows: list[TailRow]) -> None:
+        """Wake the uplink. Rows with ids below what it was offered already (possible only
+        after a failure put newer rows into SQLite first) make it page back, as released
+        held readings do."""
+        if not rows:
+            return
+        lowest: dict[str, int] = {}
+        for r in rows:
+            if r.hold is None and r.id < lowest.get(r.stream, r.id + 1):
+                lowest[r.stream] = r.id
+        with self._changed:
+            behind = [(s, i) for s, i in lowest.items() if i <= self._visible_top.get(s, 0)]
+            for r in rows:
+                if r.id > self._visible_top.get(r.stream, 0):
+                    self._visible_top[r.stream] = r.id
+            if behind:
+                self.release_gen += 1
+                self.releases = self.releases[-99:] + [(self.release_gen, s, i) for s, i in behind]
+            self.durable_id = max(self.durable_id, max(r.id for r in rows))
+            self._changed.notify_all()
+
+    def _save_chain(self) -> None:
+        if self.chain is not None and self.chain.state() != self.ledger.chain and self.chain.seq:
+            self.ledger.chain = self.chain.state()
+            self.ledger.save()
+
+    # -- SQLite -------------------------------------------------------------------------------
+
+    def _fold_in(self, batch: list[tuple[Any, ...]]) -> bool:
+        """The journal's readings and ``batch`` into SQLite, durably, and the journal emptied.
+        On a full store: the journal's first, then evidence first in chunks, so what fits gets
+        in. What was committed leaves ``batch`` (it is changed in place)."""
+        if self._fold(batch):
             batch.clear()
             return True
         if not self._full:
             return False
+        rows = sorted(self.tail.all_rows(), key=lambda r: r.stream not in streams.NEVER_SHED)
+        unsynced = {r.id for r in self.tail.unsynced}
+        for k in range(0, len(rows), _FULL_CHUNK):
+            try:
+                self._sql_commit(rows[k:k + _FULL_CHUNK], durable=True, whole_tail=False)
+            except sqlite3.Error as e:
+                self._failed("store commit failed", e, len(rows) - k)
+                return False
+            self._made_visible([r for r in rows[k:k + _FULL_CHUNK] if r.id in unsynced])
         batch.sort(key=lambda item: item[0] not in streams.NEVER_SHED)  # stable: per-stream order kept
-        while batch:
+        while True:  # the tail is in SQLite now: each of these folds is whole, the last one too
             chunk = batch[:_FULL_CHUNK]
-            if not self._commit(chunk, durable=durable):
+            if not self._fold(chunk):
                 return False
             del batch[:len(chunk)]
+            if not batch:
+                return True
+
+    def _fold(self, batch: list[tuple[Any, ...]]) -> bool:
+        saved = self._snapshot()
+        new, _records = self._number(batch)
+        fresh = self.tail.unsynced + new  # not offered yet (the others were, from the tail)
+        rows = self.tail.all_rows() + new
+        if not rows and not batch and self.journal.size == 0:
+            return True
+        self.tail.folding = {r.id for r in rows}
+        try:
+            self._sql_commit(rows, durable=True, whole_tail=True)
+        except sqlite3.Error as e:
+            self._restore(saved)
+            self._failed("store commit failed", e, len(rows))
+            return False
+        finally:
+            self.tail.folding = set()
+        self.held += sum(1 for r in new if r.hold is not None)
+        with self._count_lock:
+            self._queued -= len(new)
+        self._sync_at = None
+        self._state_due_at = None
+        self._state_dirty.clear()
+        self._made_visible(fresh)
+        self._save_chain()
         return True
 
-    def _bounded(self, batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """While nothing can be written, keep memory bounded: give up the oldest readings that
-        are not evidence (seal, alarm, ignition are always kept), and say so."""
-        excess = len(batch) - _MAX_PENDING
-        if excess <= 0:
-            return batch
-        kept: list[tuple[Any, ...]] = []
-        lost: Counter[str] = Counter()
-        for item in batch:
-            if excess > 0 and item[0] not in streams.NEVER_SHED:
-                lost[item[0]] += 1
-                excess -= 1
-            else:
-                kept.append(item)
-        with self._count_lock:
-            self._queued -= sum(lost.values())
-        self._report([retention.Dropped(s, n, 0, 0, "unwritable") for s, n in lost.items()])
-        return kept
+    def _failed(self, what: str, e: sqlite3.Error, n: int) -> None:
+        self.commit_errors += 1
+        self.last_error = f"{type(e).__name__}: {e}"
+        log.error("%s (%s); %d readings kept for the next try", what, e, n)
+        self._full = self.space.disk_full(e)
+        if self._full:
+            self.full_errors += 1
+            self._maintain(emergency=True)
 
     def _maintain(self, emergency: bool = False) -> None:
         self._next_maintenance = time.monotonic() + _MAINTENANCE_S
         now = self.now_ms() if self.max_age_ms else None
         self.space.keep(self.max_bytes, self.max_age_ms, now, emergency=emergency)
 
+    # -- timing -------------------------------------------------------------------------------
+
     def _drain(self, first: Any = None) -> tuple[list[tuple[Any, ...]], list[Any]]:
-        """Everything queued right now: readings (one transaction) and control markers."""
+        """Everything queued right now: readings (one write) and control markers."""
         batch: list[tuple[Any, ...]] = []
         markers: list[Any] = []
         item = first
@@ -200,141 +370,30 @@ class StoreWriter:
 
     def _idle_wait(self) -> float:
         now = time.monotonic()
-        due = [now + _IDLE_S]
-        if self._undurable_since is not None:
-            due.append(self._undurable_since + self.sync_interval_s)
+        due = [now + _IDLE_S, self._next_maintenance]
+        if self._sync_at is not None:
+            due.append(self._sync_at)
         if self._acked:
-            due.append(now + _ACK_DELAY_S)
-        if self._state_dirty_since is not None:
-            due.append(self._state_dirty_since + _STATE_INTERVAL_S)
+            due.append(self._acks_at)
+        if self._journal_acks:
+            due.append(self._journal_acks_at)
+        if self._state_due_at is not None:
+            due.append(self._state_due_at)
+        if self.tail.durable_since is not None:
+            due.append(self.tail.durable_since + FOLD_S)
         return max(0.0, min(due) - now)
 
     def _sync_due(self) -> bool:
-        return (
-            self._undurable_since is not None
-            and time.monotonic() - self._undurable_since >= self.sync_interval_s
-        )
-
-    def _acks_due(self) -> bool:
-        return bool(self._acked)
+        return self._sync_at is not None and time.monotonic() >= self._sync_at
 
     def _state_due(self) -> bool:
-        return (
-            self._state_dirty_since is not None
-            and time.monotonic() - self._state_dirty_since >= _STATE_INTERVAL_S
-        )
+        return self._state_due_at is not None and time.monotonic() >= self._state_due_at
 
-    def _commit(self, batch: list[tuple[Any, ...]], durable: bool) -> bool:
-        """One transaction: new rows, their seq counters, pending deletions, state."""
-        conn = self._wdb.conn
-        with self._ack_lock:
-            acked = list(self._acked)
-        seq = dict(self._seq)
-        rows = []
-        held = 0
-        chain = self.chain
-        chain_before = chain.state() if chain is not None else None
-        stored = self.now_ms() if batch else None
-        for stream, ts, head, tail, _urgent, hold in batch:
-            n = seq.get(stream, 0) + 1
-            seq[stream] = n
-            body = f"{head}{n}{tail}"
-            if hold is None:
-                if chain is not None and stream in streams.CHAINED:
-                    body = chain.link(body)
-                rows.append((stream, n, ts, body, 0, None, None, None, stored))
-            else:
-                rows.append((stream, n, ts, body, 1, *hold, stored))  # chained once its time is known
-                held += 1
-        state = list(self._state.items()) if self._state_dirty_since is not None else []
-        if self.ledger.needs_reserve(seq):  # on disk before any of these seqs can be
-            try:
-                self.ledger.reserve(seq, self._floors(seq))
-            except sqlite3.Error as e:
-                log.error("store: seq ledger not updated (%s)", e)
-        try:
-            if durable != self._full_sync:
-                conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                self._full_sync = durable
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                if rows:
-                    conn.executemany(
-                        "INSERT INTO readings (stream, seq, ts, body, held, mono_ns, boot_id, wall_ms, stored_ms)"
-                        " VALUES (?,?,?,?,?,?,?,?,?)",
-                        rows,
-                    )
-                    conn.executemany(
-                        "INSERT INTO streams (stream, last_seq) VALUES (?, ?) "
-                        "ON CONFLICT(stream) DO UPDATE SET last_seq = excluded.last_seq",
-                        [(s, seq[s]) for s in {r[0] for r in rows}],
-                    )
-                if acked:
-                    conn.executemany("DELETE FROM readings WHERE id BETWEEN ? AND ?", _ranges(acked))
-                if chain is not None and chain.state() != chain_before:
-                    state += [("chain_seq", str(chain.seq)), ("chain_hash", chain.last)]
-                if durable:
-                    # Something must be written for the FULL commit to sync the WAL.
-                    state.append(("durable_at", f"{time.time():.3f}"))
-                if state:
-                    conn.executemany(
-                        "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", state
-                    )
-                top = conn.execute(
-                    "SELECT seq FROM sqlite_sequence WHERE name = 'readings'"
-                ).fetchone()
-                # COMMIT and forgetting the deleted ids are one step for pending(): otherwise
-                # it could count a deleted row as still unacknowledged-and-acknowledged.
-                self._visibility.acquire()
-                try:
-                    conn.execute("COMMIT")
-                    if acked:
-                        with self._ack_lock:
-                            self._acked.difference_update(acked)
-                finally:
-                    self._visibility.release()
-            except BaseException:
-                if conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            if chain is not None and chain_before is not None:
-                chain.restore(*chain_before)  # nothing of this batch exists: nor do its links
-            self.commit_errors += 1
-            self.last_error = f"{type(e).__name__}: {e}"
-            log.error("store commit failed (%s); %d readings held in memory", e, len(rows))
-            self._full = self.space.disk_full(e)
-            if self._full:
-                self.full_errors += 1
-                self._maintain(emergency=True)
+    def _fold_due(self) -> bool:
+        if time.monotonic() < self._fold_retry_at:
             return False
-        self._seq = seq
-        self.held += held
-        if chain is not None and chain.state() != chain_before:
-            self.ledger.chain = chain.state()
-            self.ledger.save()
-        with self._count_lock:
-            self._queued -= len(rows)
-        self.commits += 1
-        if state:
-            self._state_dirty_since = None
-        if durable:
-            self.durable_commits += 1
-            self._undurable_since = None
-            with self._changed:
-                self.durable_id = top[0] if top else 0
-                self._changed.notify_all()
-        elif rows and self._undurable_since is None:
-            self._undurable_since = time.monotonic()
-        return True
-
-
-def _ranges(ids: list[int]) -> list[tuple[int, int]]:
-    """Sorted ids as (first, last) runs: acknowledged batches are mostly consecutive ids."""
-    out: list[tuple[int, int]] = []
-    for i in sorted(ids):
-        if out and i == out[-1][1] + 1:
-            out[-1] = (out[-1][0], i)
-        else:
-            out.append((i, i))
-    return out
+        t = self.tail
+        if t.durable_since is not None and (time.monotonic() - t.durable_since >= FOLD_S
+                                            or t.durable_count >= FOLD_ROWS):
+            return True
+        return self.journal.size >= self._journal_max

@@ -8,7 +8,6 @@ The crashing drivers are small subclasses of real ones, selected through the rea
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,7 @@ from agent.demo import trip
 from agent.demo.broker import free_port
 from drivers.gps.receiver import NmeaGps
 from drivers.seal.sim import SimSeal
-from support import REPO, agent_config, wait_until
+from support import REPO, agent_config, store_readings, wait_until
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,11 +62,7 @@ def flaky_seal(monkeypatch: pytest.MonkeyPatch) -> type[FlakySeal]:
 
 
 def _health_bodies(db: Path) -> list[dict[str, Any]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return [json.loads(body) for (body,) in conn.execute("SELECT body FROM readings WHERE stream = 'health'")]
-    finally:
-        conn.close()
+    return [json.loads(body) for _s, _n, body, _h in store_readings(db, "health")]
 
 
 def test_a_crashing_live_driver_is_restarted_with_backoff_and_counted(tmp_path: Path,

@@ -31,7 +31,7 @@ import pytest
 from agent.demo import trip
 from agent.demo.broker import Mosquitto
 from agent.tools.verify import verify
-from support import REPO, AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until
+from support import REPO, AgentProcess, Backend, agent_config, last_seqs, store_depth, store_readings, wait_until
 
 SEED = int(os.environ.get("LORRY_FAULT_SEED", "20261121"))
 POWER_CUTS = int(os.environ.get("LORRY_POWER_CUTS", "200"))
@@ -454,9 +454,7 @@ def disk_full_run(tmp_path_factory: pytest.TempPathFactory, trips) -> dict[str, 
                 snapshots.append({"t": round(time.monotonic() - t_full, 1), "alive": agent.proc.poll() is None,
                                   "store": st["store_health"],
                                   "depth": {s: b["depth"] for s, b in st["buffer"].items()},
-                                  "seals_on_disk": db_query(state / "buffer.db",
-                                                            "SELECT COUNT(*) FROM readings "
-                                                            "WHERE stream = 'seal'")[0][0],
+                                  "seals_on_disk": len(store_readings(state / "buffer.db", "seal")),
                                   "seals_emitted": agent.log().count("seal container_door (sim):")})
                 time.sleep(1)
             out["snapshots"] = snapshots

@@ -9,7 +9,6 @@ fit the link and the broker's maximum packet size, and nothing may be lost.
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from agent.model.reading import Reading
 from agent.store.buffer import Store
 from backlog import DEVICE, backlog
 from linksim import LinkSim
-from support import AgentProcess, Backend, agent_config, last_seqs, wait_until
+from support import AgentProcess, Backend, agent_config, last_seqs, store_state, wait_until
 
 
 def arrival(backend: Backend) -> list[tuple[str, list[dict[str, Any]], int]]:
@@ -75,7 +74,7 @@ def test_backlog_over_a_slow_link_events_and_newest_first_nothing_lost(tmp_path:
     per_position = wire / want["position"]
     if encoding == "compact":
         assert per_position <= 15, f"{per_position:.1f} bytes on the wire per position"
-    st = json.loads(dict(sqlite3.connect(db).execute("SELECT key, value FROM state").fetchall())["status"])
+    st = json.loads(store_state(db)["status"])
     link_state = st["uplink"]["link"]
     # Measured, not configured: the relay's round trip is a floor for what the agent sees.
     assert link_state["rtt_ms"] >= 290, link_state

@@ -51,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import vmimage  # noqa: E402
 from agent.demo import trip  # noqa: E402
 from agent.demo.broker import Mosquitto  # noqa: E402
+from agent.store import fold, journal  # noqa: E402
+from agent.store.seqledger import Ledger  # noqa: E402
 from agent.tools.verify import verify  # noqa: E402
 from support import REPO, Backend, wait_until, write_config  # noqa: E402
 
@@ -144,13 +146,20 @@ def snapshot(disk: Path, dest: Path) -> Snapshot:
     db = dest / "buffer.db"
     if not db.exists():
         return snap
-    conn = sqlite3.connect(db, timeout=10)  # a copy: SQLite may apply the WAL to it
+    # A copy: SQLite may apply the WAL to it, and the journal is folded into it.
+    conn = sqlite3.connect(db, timeout=10, isolation_level=None)
     try:
         snap.integrity = "; ".join(r[0] for r in conn.execute("PRAGMA integrity_check"))
         # A cut before the first durable commit may leave a store without its tables: as the
         # next start will, read that as an empty store (what the backend holds must then be
         # nothing, which after_cut_problems checks)
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        jpath = dest / "buffer.db.journal"
+        if {"streams", "readings", "state"} <= tables:
+            # What the next start does first (agent/store/fold.py): the journal's readings
+            # (durable or not: what the disk kept) into SQLite, numbered as they were.
+            fold.replay(conn, jpath, None, Ledger(dest / "buffer.db.ledger"))
+        links = [r[8][0] for r in journal.read(jpath).records if r[0] == "r" and len(r) > 8 and r[8]]
         if "streams" in tables:
             snap.last_seq = dict(conn.execute("SELECT stream, last_seq FROM streams"))
         if "readings" in tables:
@@ -161,7 +170,7 @@ def snapshot(disk: Path, dest: Path) -> Snapshot:
                     snap.rows[(stream, seq)] = json.loads(body)
         if "state" in tables:
             row = conn.execute("SELECT value FROM state WHERE key = 'chain_seq'").fetchone()
-            snap.chain_seq = int(row[0]) if row else 0
+            snap.chain_seq = max([int(row[0]) if row else 0, *links])
     except sqlite3.DatabaseError as e:
         snap.integrity = f"unreadable: {type(e).__name__}: {e}"
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.demo.broker import Mosquitto
-from support import REPO, AgentProcess, Backend, agent_config, store_depth, wait_until
+from support import REPO, AgentProcess, Backend, agent_config, store_depth, store_readings, wait_until
 
 DEMO = REPO / "agent" / "demo" / "data" / "demo.toml"
 
@@ -64,13 +64,10 @@ def _has(tmp: Path, stream: str, n: int) -> bool:
     db = tmp / "state" / "buffer.db"
     if not db.exists():
         return False
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        return conn.execute("SELECT COUNT(*) FROM readings WHERE stream = ?", (stream,)).fetchone()[0] >= n
+        return len(store_readings(db, stream)) >= n
     except sqlite3.OperationalError:
         return False
-    finally:
-        conn.close()
 
 
 def readings(messages: list, stream: str) -> list[dict]:

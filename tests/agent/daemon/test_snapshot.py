@@ -12,20 +12,14 @@ from typing import Any
 from agent.cli.statusview import collect
 from agent.daemon.snapshot import LIVE_FILE_KEY, SNAPSHOT_KEY, LiveSnapshot, read_live, runtime_file
 from agent.demo import trip
-from support import AgentProcess, agent_config, wait_until
+from support import AgentProcess, agent_config, store_state, wait_until
 
 
 def stored(db: Path) -> dict[str, str]:
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        return store_state(db)  # the journal's newest included
     except sqlite3.Error:
         return {}  # not created yet
-    try:
-        return dict(conn.execute("SELECT key, value FROM state").fetchall())
-    except sqlite3.Error:
-        return {}
-    finally:
-        conn.close()
 
 
 def stored_snapshot(db: Path) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from agent.model.reading import Reading
@@ -31,6 +34,22 @@ def make(tmp_path: Path, **kw) -> tuple[Store, list]:
 
 def rows(s: Store, stream: str) -> list:
     return s.fetch(stream, 0, 10**9)
+
+
+@contextlib.contextmanager
+def journal_on_a_full_disk(s: Store) -> Iterator[None]:
+    """The journal's file descriptor pointed at /dev/full (every write: ENOSPC, as on a full
+    card) while SQLite's file is capped with max_page_count: the whole store is full."""
+    fd = s.journal._fd
+    saved = os.dup(fd)
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, fd)
+    os.close(full)
+    try:
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 def test_over_the_limit_positions_are_thinned_and_seals_kept(tmp_path: Path) -> None:
@@ -120,18 +139,20 @@ def test_disk_full_sheds_positions_and_keeps_going(tmp_path: Path) -> None:
         for i in range(5_000):
             s.append(pos(i))
         s.flush()
+        assert s.maintain()  # folded into SQLite: what a full disk may shed
         pages = s._wdb.conn.execute("PRAGMA page_count").fetchone()[0]
         s._wdb.conn.execute(f"PRAGMA max_page_count = {pages + 2}")
-        for i in range(5_000, 9_000):
-            s.append(pos(i))
-            if i % 500 == 0:
-                s.append(seal(i))
-        wait_until(lambda: s.queued == 0, 60, "everything written after shedding")
-        assert s.full_errors >= 1
-        assert len(rows(s, "seal")) == 8, "no seal event lost to a full disk"
-        assert drops and all(d.stream == "position" for d in drops)
-        assert rows(s, "position")[-1].seq == 9_000, "the newest positions got in"
-        assert s.writer_alive
+        with journal_on_a_full_disk(s):
+            for i in range(5_000, 9_000):
+                s.append(pos(i))
+                if i % 500 == 0:
+                    s.append(seal(i))
+            wait_until(lambda: s.queued == 0, 60, "everything written after shedding")
+            assert s.full_errors >= 1 and s.journal.write_errors >= 1
+            assert len(rows(s, "seal")) == 8, "no seal event lost to a full disk"
+            assert drops and all(d.stream == "position" for d in drops)
+            assert rows(s, "position")[-1].seq == 9_000, "the newest positions got in"
+            assert s.writer_alive
         # Space returns: business as usual.
         s._wdb.conn.execute("PRAGMA max_page_count = 1073741823")
         s.append(seal(99_999))
@@ -142,18 +163,20 @@ def test_disk_full_sheds_positions_and_keeps_going(tmp_path: Path) -> None:
 
 
 def test_readings_that_cannot_be_written_are_bounded_in_memory(tmp_path: Path, monkeypatch) -> None:
+    import agent.store.bounds as bounds_mod
     import agent.store.writer as store_mod
 
-    monkeypatch.setattr(store_mod, "_MAX_PENDING", 1_000)
+    monkeypatch.setattr(bounds_mod, "MAX_PENDING", 1_000)
     monkeypatch.setattr(store_mod, "_RETRY_S", 0.01)
     s, drops = make(tmp_path)
     try:
         s._wdb.conn.execute("PRAGMA max_page_count = 1")  # nothing fits at all
-        for i in range(3_000):
-            s.append(pos(i))
-        s.append(seal(1))
-        wait_until(lambda: s.queued <= 1_100, 20, "memory bounded")
-        assert any(d.reason == "unwritable" and d.stream == "position" for d in drops)
+        with journal_on_a_full_disk(s):
+            for i in range(3_000):
+                s.append(pos(i))
+            s.append(seal(1))
+            wait_until(lambda: s.queued <= 1_100, 20, "memory bounded")
+            assert any(d.reason == "unwritable" and d.stream == "position" for d in drops)
         s._wdb.conn.execute("PRAGMA max_page_count = 1073741823")
         wait_until(lambda: s.queued == 0, 20, "written once possible")
         s.flush()

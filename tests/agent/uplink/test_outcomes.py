@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from agent.store.buffer import Store
 from agent.uplink.mqtt import MqttUplink
 from agent.uplink.outbox import Batch
 from agent.uplink.outcome import Outcome, of_puback
-from support import AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until
+from support import AgentProcess, Backend, agent_config, last_seqs, store_depth, store_readings, store_state, wait_until
 
 DEVICE = "CQ-HN-0042"
 START_MS = 1_795_000_000_000
@@ -48,20 +47,12 @@ def fill(db: Path, positions: int, can: int = 0, *, oversize: dict[int, int] | N
 
 
 def saved_status(db: Path) -> dict[str, Any]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        saved = dict(conn.execute("SELECT key, value FROM state").fetchall()).get("status")
-    finally:
-        conn.close()
+    saved = store_state(db).get("status")
     return json.loads(saved) if saved else {}
 
 
 def depth(db: Path, stream: str) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return conn.execute("SELECT COUNT(*) FROM readings WHERE stream = ?", (stream,)).fetchone()[0]
-    finally:
-        conn.close()
+    return len(store_readings(db, stream))
 
 
 def dropped_alarms(backend: Backend) -> list[dict[str, Any]]:

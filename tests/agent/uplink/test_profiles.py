@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,7 +18,17 @@ from agent.demo.broker import Mosquitto
 from agent.uplink.regions import UplinkPlan
 from backlog import backlog
 from linksim import LinkSim
-from support import REPO, AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until, write_config
+from support import (
+    REPO,
+    AgentProcess,
+    Backend,
+    agent_config,
+    last_seqs,
+    store_depth,
+    store_state,
+    wait_until,
+    write_config,
+)
 
 DEPOT = {"name": "Chongqing depot", "kind": "depot", "seal_opening": "authorised",
          "circle": {"lat": 29.4838, "lon": 106.4460, "radius_m": 1000}}
@@ -32,8 +41,7 @@ PROFILES = [
 
 def saved_status(db: Path) -> dict[str, Any]:
     """The status the agent keeps in its store (what ``lorry-agent status`` shows)."""
-    with sqlite3.connect(db) as conn:
-        saved = dict(conn.execute("SELECT key, value FROM state").fetchall()).get("status")
+    saved = store_state(db).get("status")
     return json.loads(saved) if saved else {"uplink": {"data": {"profile": None, "profiles": {}}}}
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from agent.model.chain import Chain
 from agent.model.reading import Reading
 from agent.store.buffer import Store
 from linksim import LinkSim
-from support import AgentProcess, Backend, agent_config, last_seqs, store_depth, wait_until
+from support import AgentProcess, Backend, agent_config, last_seqs, store_depth, store_state, wait_until
 
 DEVICE = "CQ-HN-0042"
 START_MS = 1_795_000_000_000
@@ -44,11 +43,7 @@ def backlog(db: Path, positions: int, *, oversize: dict[int, int] | None = None)
 
 
 def final_status(db: Path) -> dict[str, Any]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return json.loads(dict(conn.execute("SELECT key, value FROM state").fetchall())["status"])
-    finally:
-        conn.close()
+    return json.loads(store_state(db)["status"])
 
 
 def dropped_alarms(backend: Backend) -> list[dict[str, Any]]:
