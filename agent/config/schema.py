@@ -124,9 +124,9 @@ class StoreConfig(Section):
     max_age_days: Annotated[float, Field(ge=0, le=3650)] = 30
     """Unsent readings older than this (seal events and alarms excepted) are shed. 0: none."""
     sync_interval_s: Annotated[float, Field(ge=0, le=300)] = 40.0
-    """How often new readings are made power-cut safe (one fsync of the journal for all of
-    them), and so the most a power cut can lose of ordinary readings. Readings are written
-    (crash safe) at once, and only durable ones are sent: this is also how late a position can
+    """How often new readings are written and made power-cut safe, in one group (one write and
+    one fsync of the journal for all of them), and so the most a power cut or a crash can lose
+    of ordinary readings. Only durable readings are sent: this is also how late a position can
     reach the backend. Seal events and alarms are made durable at once. The trade-off:
     docs/reporting.md."""
     lazy_sync_s: Annotated[float, Field(ge=0, le=3600)] = 600.0

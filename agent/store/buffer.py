@@ -3,14 +3,13 @@
 Durability has two steps, so that neither a crash of the agent nor a power cut loses or
 re-numbers anything the backend may have seen:
 
-* **written** — the writer thread numbers the readings it takes together and appends them to
-  the journal (agent/store/journal.py) in one ``write()``. A crash or SIGKILL of the agent
-  loses nothing written; the OS holds it.
-* **durable** — every ``sync_interval_s`` (``lazy_sync_s`` for lazy streams; at once for
-  urgent readings) one ``fdatasync`` of the journal makes everything written durable. Only
-  durable readings are handed to the uplink, so a power cut can only lose readings that nobody
-  has seen (at most ``sync_interval_s`` of them), and a seq number the backend holds never
-  returns with other content.
+* **waiting** — readings wait in memory, unnumbered, for their group commit: at most
+  ``sync_interval_s`` (``lazy_sync_s`` for lazy streams; urgent readings not at all).
+* **durable** — the group is numbered, appended to the journal (agent/store/journal.py) in
+  one ``write()`` and made durable by one ``fdatasync``. Only durable readings are handed to
+  the uplink, so a crash or a power cut can only lose readings that nobody has seen and that
+  had no seq yet (at most ``sync_interval_s`` of them), and a seq number the backend holds
+  never returns with other content.
 
 Readings the broker acknowledges while still in the journal never reach SQLite; the rest are
 folded into it in large transactions (agent/store/fold.py), where they wait, indexed, for as
@@ -132,6 +131,9 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         self._state_dirty: set[str] = set()
         """Status values changed since they were last journaled."""
         self._sync_at: float | None = None
+        self._waiting: list[tuple[Any, ...]] = []
+        """Readings the writer has taken, waiting unnumbered for their group commit."""
+        self._waiting_since = 0.0
         self._acks_at = 0.0
         self._fold_retry_at = 0.0
         self._full_sync = False
@@ -227,8 +229,8 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         if len(in_sqlite) < len(ids):
             gone = set(ids).difference(in_sqlite)
             with self._ack_lock:
-                if not self._journal_acks:
-                    self._journal_acks_at = time.monotonic() + JOURNAL_ACK_S
+                if not self._journal_acks:  # with the next group, or alone if none comes
+                    self._journal_acks_at = time.monotonic() + max(JOURNAL_ACK_S, self.sync_interval_s)
                 self._journal_acks.extend(gone)
         if not in_sqlite:
             return

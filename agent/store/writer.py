@@ -1,10 +1,10 @@
 """The store's writer thread: seq numbering, the journal's group commit, folds, durability.
 
 One thread owns the journal (agent/store/journal.py) and the SQLite write connection. Readings
-queued together are numbered (seq per stream, linked into the chain if their stream is
-chained) and appended to the journal in one ``write()``: crash safe at once. Every
-``sync_interval_s`` (``lazy_sync_s`` for lazy streams such as health; at once for urgent
-readings, a flush or the stop) one ``fdatasync`` makes everything appended durable: only then
+wait in memory for their group commit (agent/store/timing.py): every ``sync_interval_s``
+(``lazy_sync_s`` for lazy streams such as health; at once for urgent readings, a flush or the
+stop) the group is numbered (seq per stream, linked into the chain if its stream is chained),
+appended to the journal in one ``write()`` and made durable by one ``fdatasync``: only then
 may the uplink send it. Acknowledged readings are forgotten; the others are folded into SQLite
 in large transactions (agent/store/fold.py) once an hour, past 10,000 readings, when the
 journal passes 4 MB, and at the stop. When the journal cannot be written, readings go straight
@@ -30,6 +30,7 @@ from agent.store.capacity import Space
 from agent.store.fold import Folding
 from agent.store.seqledger import Ledger
 from agent.store.tail import TailRow
+from agent.store.timing import MAX_BATCH, Timing
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +39,14 @@ _RETRY_S = 1.0
 # Status values ride along with the journal's next fsync, or go on their own after this long
 # (Store.set_state may ask for sooner).
 STATE_INTERVAL_S = 900.0
-_IDLE_S = 5.0
 # Acknowledgements of journal rows ride along with the next readings, or go on their own
 # (written, never fsynced for their sake) after this long.
 JOURNAL_ACK_S = 5.0
-# Readings per batch: bounds a write (and a SQLite transaction).
-_MAX_BATCH = 5_000
 _MAINTENANCE_S = 10.0
 # On a full disk, readings are committed in chunks of this many (evidence first).
 _FULL_CHUNK = 500
 # After a failed fold (SQLite unwritable, the journal still fine), the next try waits this long.
 _FOLD_RETRY_S = 10.0
-# A fold is due when the journal's oldest unacknowledged reading has been durable this long,
-# past this many readings, or when the journal file passes the full-disk reserve's size (4 MB,
-# less on a small filesystem: agent/store/reserve.py), so that on a full disk the backlog is
-# in SQLite, where the store can thin it, and the reserve can take the journal's last part.
-FOLD_S = 3600.0
-FOLD_ROWS = 10_000
 STOP = object()
 
 
@@ -68,7 +60,7 @@ class Release:
     resolve: Callable[[int, str, int], tuple[int, bool] | None]
 
 
-class StoreWriter(Folding, Bounds):
+class StoreWriter(Folding, Bounds, Timing):
     """The writer-thread half of the Store (agent/store/buffer.py), which sets these up."""
 
     _q: queue.SimpleQueue[Any]
@@ -79,6 +71,8 @@ class StoreWriter(Folding, Bounds):
     _state_due_at: float | None
     _state_dirty: set[str]
     _sync_at: float | None
+    _waiting: list[tuple[Any, ...]]
+    _waiting_since: float
     _acks_at: float
     _fold_retry_at: float
     _journal_max: int
@@ -112,6 +106,7 @@ class StoreWriter(Folding, Bounds):
         start, after a stop)."""
         while True:
             batch, _markers = self._drain()
+            batch, self._waiting = self._waiting + batch, []
             if not self._fold_in(batch):
                 return False
             if not batch:
@@ -128,6 +123,8 @@ class StoreWriter(Folding, Bounds):
             stop = STOP in markers
             flushes = [m for m in markers if isinstance(m, threading.Event)]
             urgent = any(r[4] for r in batch)
+            batch = self._group(batch, now=bool(stop or flushes or urgent
+                                                or any(isinstance(m, Maintain) for m in markers)))
             if batch and not self._take(batch):
                 while not self._fold_in(batch):  # the journal failed: SQLite, durably
                     if stop:
@@ -203,7 +200,7 @@ class StoreWriter(Folding, Bounds):
             self.chain.restore(*chain)
 
     def _take(self, batch: list[tuple[Any, ...]]) -> bool:
-        """Number the batch and append it to the journal (crash safe, not yet durable)."""
+        """Number the batch and append it to the journal (made durable by the next sync)."""
         saved = self._snapshot()
         rows, records = self._number(batch)
         if not self._write_acks(records):
@@ -213,10 +210,7 @@ class StoreWriter(Folding, Bounds):
         self.held += sum(1 for r in rows if r.hold is not None)
         with self._count_lock:
             self._queued -= len(rows)
-        now = time.monotonic()
-        wait = min(self.lazy_sync_s if streams.get(r.stream).lazy else self.sync_interval_s for r in rows)
-        if self._sync_at is None or now + wait < self._sync_at:
-            self._sync_at = now + wait
+        self._sync_at = time.monotonic()  # they waited for this group commit already
         return True
 
     def _write_acks(self, records: list[list[Any]] | None = None) -> bool:
@@ -360,40 +354,10 @@ class StoreWriter(Folding, Bounds):
                 batch.append(item)
             elif item is not None:
                 markers.append(item)
-            if len(batch) >= _MAX_BATCH:
+            if len(batch) >= MAX_BATCH:
                 break
             try:
                 item = self._q.get_nowait()
             except queue.Empty:
                 break
         return batch, markers
-
-    def _idle_wait(self) -> float:
-        now = time.monotonic()
-        due = [now + _IDLE_S, self._next_maintenance]
-        if self._sync_at is not None:
-            due.append(self._sync_at)
-        if self._acked:
-            due.append(self._acks_at)
-        if self._journal_acks:
-            due.append(self._journal_acks_at)
-        if self._state_due_at is not None:
-            due.append(self._state_due_at)
-        if self.tail.durable_since is not None:
-            due.append(self.tail.durable_since + FOLD_S)
-        return max(0.0, min(due) - now)
-
-    def _sync_due(self) -> bool:
-        return self._sync_at is not None and time.monotonic() >= self._sync_at
-
-    def _state_due(self) -> bool:
-        return self._state_due_at is not None and time.monotonic() >= self._state_due_at
-
-    def _fold_due(self) -> bool:
-        if time.monotonic() < self._fold_retry_at:
-            return False
-        t = self.tail
-        if t.durable_since is not None and (time.monotonic() - t.durable_since >= FOLD_S
-                                            or t.durable_count >= FOLD_ROWS):
-            return True
-        return self.journal.size >= self._journal_max
