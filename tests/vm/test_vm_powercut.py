@@ -45,6 +45,7 @@ from statistics import mean
 from typing import Any
 
 import pytest
+import sqlite_utils
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -52,6 +53,7 @@ import vmimage  # noqa: E402
 from agent.demo import trip  # noqa: E402
 from agent.demo.broker import Mosquitto  # noqa: E402
 from agent.store import fold, journal  # noqa: E402
+from agent.store.schema import create_schema  # noqa: E402
 from agent.store.seqledger import Ledger  # noqa: E402
 from agent.tools.verify import verify  # noqa: E402
 from support import REPO, Backend, wait_until, write_config  # noqa: E402
@@ -153,12 +155,14 @@ def snapshot(disk: Path, dest: Path) -> Snapshot:
         # A cut before the first durable commit may leave a store without its tables: as the
         # next start will, read that as an empty store (what the backend holds must then be
         # nothing, which after_cut_problems checks)
-        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         jpath = dest / "buffer.db.journal"
-        if {"streams", "readings", "state"} <= tables:
-            # What the next start does first (agent/store/fold.py): the journal's readings
-            # (durable or not: what the disk kept) into SQLite, numbered as they were.
+        if snap.integrity == "ok":
+            # What the next start does first (agent/store/buffer.py): the schema (its creation
+            # is made durable with the first fold only, so a cut may have taken it), then the
+            # journal's readings (what the disk kept) into SQLite, numbered as they were.
+            create_schema(sqlite_utils.Database(conn))
             fold.replay(conn, jpath, None, Ledger(dest / "buffer.db.ledger"))
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         links = [r[8][0] for r in journal.read(jpath).records if r[0] == "r" and len(r) > 8 and r[8]]
         if "streams" in tables:
             snap.last_seq = dict(conn.execute("SELECT stream, last_seq FROM streams"))
