@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,22 @@ def store_readings(db: Path, stream: str | None = None) -> list[tuple[str, int, 
         return [r for r in peek.readings(conn, db) if stream is None or r[0] == stream]
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def journal_on_a_full_disk(store: Any) -> Iterator[None]:
+    """The store's journal file descriptor pointed at /dev/full: every write fails with
+    ENOSPC, as on a full card (cap SQLite's file with ``max_page_count`` for a whole full store)."""
+    fd = store.journal._fd
+    saved = os.dup(fd)
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, fd)
+    os.close(full)
+    try:
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 def store_depth(db: Path) -> int:

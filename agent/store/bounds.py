@@ -8,7 +8,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from agent.model import streams
-from agent.store import retention
+from agent.store import fold, retention
 from agent.store.tail import Tail
 
 # Readings held in memory while nothing can be written (disk full, failing card).
@@ -50,15 +50,9 @@ class Bounds:
         if excess <= 0:
             return
         gone = [r for r in rows if r.stream not in streams.NEVER_SHED and r.hold is None][:excess]
-        self.tail.forget({r.id for r in gone})
-        runs: dict[str, list[list[int]]] = {}
-        for r in gone:
-            stream_runs = runs.setdefault(r.stream, [])
-            if stream_runs and stream_runs[-1][1] + 1 == r.seq:
-                stream_runs[-1][1] = r.seq
-            else:
-                stream_runs.append([r.seq, r.seq])
+        self.tail.remove({r.id for r in gone})
         # Numbered, so announced by seq range: the store (SQLite) could not keep them.
         self._report([retention.Dropped(s, hi - lo + 1, lo, hi, "store_full")
-                      for s, stream_runs in runs.items() for lo, hi in stream_runs])
+                      for s in sorted({r.stream for r in gone})
+                      for lo, hi in fold.ranges([r.seq for r in gone if r.stream == s])])
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from agent.model.chain import Chain
 from agent.model.reading import Reading, encode_parts
-from agent.store import fold, integrity, retention
+from agent.store import fold, integrity, journal, retention
 from agent.store.capacity import Space
 from agent.store.fold import ACK_BATCH, ACK_DELAY_S
 from agent.store.held import HeldReadings
@@ -109,7 +109,7 @@ class Store(StoreWriter, HeldReadings, StoreReader):
                 "SELECT key, value FROM state WHERE key IN ('chain_seq', 'chain_hash')").fetchall())
             if saved:
                 self.chain.restore(int(saved["chain_seq"]), saved["chain_hash"])
-        jpath = self.path.with_name(self.path.name + ".journal")
+        jpath = journal.path_for(self.path)
         # What a crash or power cut left in the journal goes into SQLite before anything runs.
         journal_top, self.journal_damage = fold.replay(self._wdb.conn, jpath, self.chain, self.ledger)
         self.journal = Journal(jpath)
@@ -130,7 +130,6 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         self._state_due_at: float | None = None
         self._state_dirty: set[str] = set()
         """Status values changed since they were last journaled."""
-        self._sync_at: float | None = None
         self._waiting: list[tuple[Any, ...]] = []
         """Readings the writer has taken, waiting unnumbered for their group commit."""
         self._waiting_since = 0.0
@@ -261,14 +260,8 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         rows += [(r.id, r.seq) for r in self.tail.get(stream, set(wanted))]
         if not rows:
             return True
-        rows.sort(key=lambda r: r[1])
-        runs: list[list[int]] = []
-        for _id, seq in rows:
-            if runs and seq == runs[-1][1] + 1:
-                runs[-1][1] = seq
-            else:
-                runs.append([seq, seq])
-        dropped = [retention.Dropped(stream, hi - lo + 1, lo, hi, reason) for lo, hi in runs]
+        dropped = [retention.Dropped(stream, hi - lo + 1, lo, hi, reason)
+                   for lo, hi in fold.ranges([seq for _id, seq in rows])]
         if announce:
             self._report(dropped)
             if not self.flush(timeout):

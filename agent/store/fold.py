@@ -69,7 +69,8 @@ def write_rows(conn: sqlite3.Connection, rows: list[TailRow], seq: dict[str, int
 
 
 def ranges(ids: list[int]) -> list[tuple[int, int]]:
-    """Sorted ids as (first, last) runs: acknowledged batches are mostly consecutive ids."""
+    """Sorted numbers (ids, seqs) as (first, last) runs: acknowledged batches are mostly
+    consecutive ids, readings given up mostly consecutive seqs."""
     out: list[tuple[int, int]] = []
     for i in sorted(ids):
         if out and i == out[-1][1] + 1:
@@ -77,6 +78,17 @@ def ranges(ids: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((i, i))
     return out
+
+
+def journal_row(rec: list[Any]) -> TailRow | None:
+    """A reading's journal record (:func:`record`) as a row; None for a record of another kind.
+    Raises ValueError, TypeError or IndexError for one of an unknown shape."""
+    if rec[0] != "r":
+        return None
+    _kind, rid, stream, n, ts, body, hold, stored, _link = rec
+    return TailRow(int(rid), str(stream), int(n), int(ts), str(body),
+                   (int(hold[0]), str(hold[1]), int(hold[2])) if hold else None,
+                   None if stored is None else int(stored))
 
 
 def replay(conn: sqlite3.Connection, jpath: Any, chain: Chain | None, ledger: Ledger
@@ -101,17 +113,14 @@ def replay(conn: sqlite3.Connection, jpath: Any, chain: Chain | None, ledger: Le
         try:
             if rec[0] == "s":
                 state[str(rec[1])] = str(rec[2])
-            elif rec[0] == "r":
-                _kind, rid, stream, n, ts, body, hold, stored, link = rec
-                top = max(top, int(rid))
-                if link:
-                    head = (int(link[0]), str(link[1]))
-                if int(n) > last.get(stream, 0):
-                    seen[str(stream)].append(int(n))
-                if int(n) > last.get(stream, 0) and int(rid) not in acked:
-                    rows.append(TailRow(int(rid), str(stream), int(n), int(ts), str(body),
-                                        (int(hold[0]), str(hold[1]), int(hold[2])) if hold else None,
-                                        None if stored is None else int(stored)))
+            elif (row := journal_row(rec)) is not None:
+                top = max(top, row.id)
+                if rec[8]:
+                    head = (int(rec[8][0]), str(rec[8][1]))
+                if row.seq > last.get(row.stream, 0):
+                    seen[row.stream].append(row.seq)
+                    if row.id not in acked:
+                        rows.append(row)
         except (ValueError, TypeError, IndexError) as e:
             log.error("store journal %s: a record of an unknown shape ignored (%s)", jpath, e)
     seq = {stream: max(seqs) for stream, seqs in seen.items()}

@@ -83,6 +83,11 @@ def _decode(payload: bytes, crc: int) -> list[Any] | None:
     return record if isinstance(record, list) and record else None
 
 
+def path_for(store: Path) -> Path:
+    """The journal beside the store file ``store``."""
+    return store.with_name(store.name + ".journal")
+
+
 def read(path: Path) -> Replayed:
     """The records of the journal at ``path`` (none if there is no file); read only."""
     try:

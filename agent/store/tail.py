@@ -75,7 +75,7 @@ class Tail:
             return sorted(durable + self.unsynced, key=lambda r: r.id)
 
     def remove(self, ids: set[int]) -> None:
-        """Folded into SQLite."""
+        """Folded into SQLite, or given up (memory bound while SQLite takes nothing)."""
         with self._lock:
             self.unsynced = [r for r in self.unsynced if r.id not in ids]
             for stream in list(self._durable):
@@ -86,10 +86,6 @@ class Tail:
                     del self._durable[stream]
             if not self._durable:
                 self.durable_since = None
-
-    def forget(self, ids: set[int]) -> None:
-        """Given up (memory bound while nothing can be stored): like an acknowledgement."""
-        self.remove(ids)
 
     def page(self, stream: str, after_id: int, limit: int) -> list[TailRow]:
         """Durable rows of a stream after ``after_id`` not waiting for a time, oldest first."""
@@ -142,9 +138,3 @@ class Tail:
     def durable_count(self) -> int:
         with self._lock:
             return sum(len(rows) for rows in self._durable.values())
-
-    @property
-    def held(self) -> int:
-        with self._lock:
-            return sum(1 for rows in self._durable.values() for r in rows.values() if r.hold is not None) + \
-                sum(1 for r in self.unsynced if r.hold is not None)

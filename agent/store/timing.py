@@ -23,7 +23,6 @@ MAX_BATCH = 5_000
 class Timing:
     _waiting: list[tuple[Any, ...]]
     _waiting_since: float
-    _sync_at: float | None
     _acked: set[int]
     _acks_at: float
     _journal_acks: list[int]
@@ -46,22 +45,25 @@ class Timing:
             if not self._waiting:
                 self._waiting_since = time.monotonic()
             self._waiting += batch
-        wait = min((self.lazy_sync_s if streams.get(r[0]).lazy else self.sync_interval_s for r in self._waiting),
-                   default=0.0)
         if not self._waiting or not (now or len(self._waiting) >= MAX_BATCH
-                                     or time.monotonic() >= self._waiting_since + wait):
+                                     or time.monotonic() >= self._group_due_at()):
             return []
         out, self._waiting = self._waiting, []
         return out
 
+    def _group_due_at(self) -> float:
+        """When the waiting readings' group commit is due: the strictest stream's interval
+        after the first of them came."""
+        wait = min(self.lazy_sync_s if streams.get(r[0]).lazy else self.sync_interval_s for r in self._waiting)
+        return self._waiting_since + wait
+
     def _idle_wait(self) -> float:
         now = time.monotonic()
         due = [now + IDLE_S, self._next_maintenance]
-        if self._sync_at is not None:
-            due.append(self._sync_at)
+        if self.tail.unsynced:  # a sync that failed: due again (the group was taken already)
+            due.append(now)
         if self._waiting:
-            wait = min(self.lazy_sync_s if streams.get(r[0]).lazy else self.sync_interval_s for r in self._waiting)
-            due.append(self._waiting_since + wait)
+            due.append(self._group_due_at())
         if self._acked:
             due.append(self._acks_at)
         if self._journal_acks:
@@ -73,7 +75,8 @@ class Timing:
         return max(0.0, min(due) - now)
 
     def _sync_due(self) -> bool:
-        return self._sync_at is not None and time.monotonic() >= self._sync_at
+        """A group is numbered and written but not yet durable."""
+        return bool(self.tail.unsynced)
 
     def _state_due(self) -> bool:
         return self._state_due_at is not None and time.monotonic() >= self._state_due_at

@@ -70,7 +70,6 @@ class StoreWriter(Folding, Bounds, Timing):
     _count_lock: threading.Lock
     _state_due_at: float | None
     _state_dirty: set[str]
-    _sync_at: float | None
     _waiting: list[tuple[Any, ...]]
     _waiting_since: float
     _acks_at: float
@@ -152,9 +151,8 @@ class StoreWriter(Folding, Bounds, Timing):
                 if not self._fold_in([]):
                     self._fold_retry_at = time.monotonic() + _FOLD_RETRY_S
                     self._bound_tail()
-                if stop and self.tail.all_rows():
-                    log.error("final fold failed; the journal keeps %d readings for the next start",
-                              len(self.tail.all_rows()))
+                if stop and (left := len(self.tail.all_rows())):
+                    log.error("final fold failed; the journal keeps %d readings for the next start", left)
             elif self._acked:
                 self._delete_acked(now=bool(flushes))
             if self._journal_acks and time.monotonic() >= self._journal_acks_at:
@@ -210,7 +208,6 @@ class StoreWriter(Folding, Bounds, Timing):
         self.held += sum(1 for r in rows if r.hold is not None)
         with self._count_lock:
             self._queued -= len(rows)
-        self._sync_at = time.monotonic()  # they waited for this group commit already
         return True
 
     def _write_acks(self, records: list[list[Any]] | None = None) -> bool:
@@ -239,7 +236,6 @@ class StoreWriter(Folding, Bounds, Timing):
             return
         rows = self.tail.synced(time.monotonic())
         self.durable_commits += 1
-        self._sync_at = None
         self._state_due_at = None
         for _s, k, v in changed:
             if self._state.get(k) == v:  # not set again meanwhile (another thread)
@@ -321,7 +317,6 @@ class StoreWriter(Folding, Bounds, Timing):
         self.held += sum(1 for r in new if r.hold is not None)
         with self._count_lock:
             self._queued -= len(new)
-        self._sync_at = None
         self._state_due_at = None
         self._state_dirty.clear()
         self._made_visible(fresh)

@@ -17,7 +17,7 @@ import agent.store.writer as writer_mod
 from agent.model.reading import Reading
 from agent.store import journal, peek
 from agent.store.buffer import Store
-from support import wait_until
+from support import journal_on_a_full_disk, wait_until
 
 T0 = 1_790_000_000_000
 
@@ -273,16 +273,10 @@ def test_a_reading_that_cannot_be_written_takes_no_seq(tmp_path: Path, stream: s
     s = Store(tmp_path / "b.db", device="D", sync_interval_s=0.01)
     s.start()
     try:
-        fd = s.journal._fd
-        saved = os.dup(fd)
-        full = os.open("/dev/full", os.O_WRONLY)
-        os.dup2(full, fd)
-        os.close(full)
-        s._wdb.conn.execute("PRAGMA max_page_count = 1")
-        s.append(Reading(stream, T0, {"i": 1}, urgent=stream == "seal"))
-        wait_until(lambda: s.journal.write_errors >= 1, 5, "a failed write")
-        os.dup2(saved, fd)
-        os.close(saved)
+        with journal_on_a_full_disk(s):
+            s._wdb.conn.execute("PRAGMA max_page_count = 1")
+            s.append(Reading(stream, T0, {"i": 1}, urgent=stream == "seal"))
+            wait_until(lambda: s.journal.write_errors >= 1, 5, "a failed write")
         s._wdb.conn.execute("PRAGMA max_page_count = 1073741823")
         assert s.flush()
         assert [r.seq for r in everything(s, stream)] == [1]

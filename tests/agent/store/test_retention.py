@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from agent.model.reading import Reading
 from agent.store import retention
 from agent.store.buffer import Store
-from support import wait_until
+from support import journal_on_a_full_disk, wait_until
 
 T0 = 1_790_000_000_000
 
@@ -34,22 +31,6 @@ def make(tmp_path: Path, **kw) -> tuple[Store, list]:
 
 def rows(s: Store, stream: str) -> list:
     return s.fetch(stream, 0, 10**9)
-
-
-@contextlib.contextmanager
-def journal_on_a_full_disk(s: Store) -> Iterator[None]:
-    """The journal's file descriptor pointed at /dev/full (every write: ENOSPC, as on a full
-    card) while SQLite's file is capped with max_page_count: the whole store is full."""
-    fd = s.journal._fd
-    saved = os.dup(fd)
-    full = os.open("/dev/full", os.O_WRONLY)
-    os.dup2(full, fd)
-    os.close(full)
-    try:
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
 
 
 def test_over_the_limit_positions_are_thinned_and_seals_kept(tmp_path: Path) -> None:
