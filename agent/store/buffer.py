@@ -38,6 +38,7 @@ from typing import Any
 from agent.model.chain import Chain
 from agent.model.reading import Reading, encode_parts
 from agent.store import fold, integrity, journal, retention
+from agent.store.announce import Unannounced
 from agent.store.capacity import Space
 from agent.store.fold import ACK_BATCH, ACK_DELAY_S
 from agent.store.held import HeldReadings
@@ -47,7 +48,7 @@ from agent.store.reader import Row, StoreReader, buffer_summary
 from agent.store.schema import SCHEMA_VERSION, StoreUnusable, check_path, connect, create_schema, open_db
 from agent.store.seqledger import Ledger
 from agent.store.tail import Tail
-from agent.store.writer import JOURNAL_ACK_S, STATE_INTERVAL_S, STOP, Maintain, StoreWriter
+from agent.store.writer import JOURNAL_ACK_S, STATE_INTERVAL_S, STOP, Announced, Maintain, StoreWriter
 
 __all__ = ["SCHEMA_VERSION", "Row", "Store", "StoreUnusable", "buffer_summary"]
 
@@ -101,6 +102,9 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         self.damaged_files: list[str] = [str(aside)] if aside else []
         """Damaged store files found at start and moved aside."""
         create_schema(self._wdb)
+        self.unannounced = Unannounced(self._wdb.conn)
+        earlier = list(self.unannounced.items)  # losses an earlier run found but did not announce durably
+        self._announced: list[retention.Dropped] = []
         self._rconn = connect(self.path)
         self._rlock = threading.Lock()
 
@@ -111,7 +115,8 @@ class Store(StoreWriter, HeldReadings, StoreReader):
                 self.chain.restore(int(saved["chain_seq"]), saved["chain_hash"])
         jpath = journal.path_for(self.path)
         # What a crash or power cut left in the journal goes into SQLite before anything runs.
-        journal_top, self.journal_damage = fold.replay(self._wdb.conn, jpath, self.chain, self.ledger)
+        journal_top, self.journal_damage = fold.replay(self._wdb.conn, jpath, self.chain, self.ledger,
+                                                        self.unannounced)
         self.journal = Journal(jpath)
         self.journal.reset()
         self.tail = Tail()
@@ -155,9 +160,10 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         self.full_errors = 0
         self._full = False
         self._next_maintenance = 0.0
-        self.resumed: list[retention.Dropped] = self._resume(damaged=aside is not None) + self.journal_damage
+        self.resumed: list[retention.Dropped] = (earlier + self._resume(damaged=aside is not None)
+                                                  + self.journal_damage)
         """Seq ranges a fresh store continued above (agent/store/seqledger.py), reported at start."""
-        self.space = Space(self._wdb.conn, self.path, self._report)
+        self.space = Space(self._wdb.conn, self.path, self._report, self.unannounced)
         """Size and age limits, and the full-disk reserve (agent/store/capacity.py)."""
         self._journal_max = max(64 * 1024, self.space.ballast.size())
         """The journal is folded into SQLite past this size (agent/store/writer.py)."""
@@ -178,18 +184,20 @@ class Store(StoreWriter, HeldReadings, StoreReader):
         self._seq = dict(ledger.reserved)
         conn = self._wdb.conn
         conn.execute("BEGIN IMMEDIATE")
+        out = []
+        for stream, reserved in sorted(ledger.reserved.items()):
+            floor = ledger.floor.get(stream, 1)
+            if reserved >= floor:
+                out.append(retention.Dropped(stream, reserved - floor + 1, floor, reserved, reason))
         conn.executemany("INSERT INTO streams (stream, last_seq) VALUES (?, ?) "
                          "ON CONFLICT(stream) DO UPDATE SET last_seq = excluded.last_seq", self._seq.items())
         if self.chain is not None and ledger.chain is not None:
             self.chain.restore(*ledger.chain)
             conn.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
                              [("chain_seq", str(ledger.chain[0])), ("chain_hash", ledger.chain[1])])
+        self.unannounced.write(conn, out)
         conn.execute("COMMIT")
-        out = []
-        for stream, reserved in sorted(ledger.reserved.items()):
-            floor = ledger.floor.get(stream, 1)
-            if reserved >= floor:
-                out.append(retention.Dropped(stream, reserved - floor + 1, floor, reserved, reason))
+        self.unannounced.added(out)
         return out
 
     # -- writing ------------------------------------------------------------------------------
@@ -358,4 +366,6 @@ class Store(StoreWriter, HeldReadings, StoreReader):
             self.dropped[d.stream] = self.dropped.get(d.stream, 0) + d.count
             log.warning("store: dropped %d %s readings (%s)", d.count, d.stream, d.reason)
         if self.on_drop is not None:
-            self.on_drop(dropped)
+            self.on_drop(dropped)  # their alarms are queued now: the marker follows them
+            if recorded := tuple(d for d in dropped if d in self.unannounced.items):
+                self._q.put(Announced(recorded))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.store import retention
+from agent.store.announce import Unannounced
 from agent.store.reserve import Ballast
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,11 @@ class Space:
     """Runs in the store's writer thread, on its connection."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path,
-                 report: Callable[[list[retention.Dropped]], None]):
+                 report: Callable[[list[retention.Dropped]], None], unannounced: Unannounced):
         self.conn = conn
         self.path = path
         self.report = report
+        self.unannounced = unannounced
         self.ballast = Ballast(path.with_name(path.name + ".reserve"))
         # The WAL must fit in the reserve: on a full disk a checkpoint has to move it into the
         # database (which grows by as much) before anything can be freed.
@@ -105,11 +107,13 @@ class Space:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 dropped = retention.delete(conn, plan.stream, plan.rows[k:k + SHED_CHUNK], plan.reason)
+                self.unannounced.write(conn, [dropped])
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
                     conn.execute("ROLLBACK")
                 raise
+            self.unannounced.added([dropped])
             self.report([dropped])
             if emergency:
                 self.checkpoint()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.model.chain import Chain
 from agent.store import journal, retention
+from agent.store.announce import Unannounced
 from agent.store.seqledger import Ledger
 from agent.store.tail import Tail, TailRow
 
@@ -91,10 +92,11 @@ def journal_row(rec: list[Any]) -> TailRow | None:
                    None if stored is None else int(stored))
 
 
-def replay(conn: sqlite3.Connection, jpath: Any, chain: Chain | None, ledger: Ledger
-           ) -> tuple[int, list[retention.Dropped]]:
+def replay(conn: sqlite3.Connection, jpath: Any, chain: Chain | None, ledger: Ledger,
+           unannounced: Unannounced) -> tuple[int, list[retention.Dropped]]:
     """Fold what a journal left (a crash, a power cut) into SQLite before anything else runs.
-    Returns the highest id it held and the seq ranges it proves lost (damaged frames)."""
+    Returns the highest id it held and the seq ranges it proves lost (damaged frames),
+    recorded as unannounced with the fold."""
     got = journal.read(jpath)
     if got.damaged_bytes:
         log.error("store journal %s: %d damaged bytes skipped", jpath, got.damaged_bytes)
@@ -141,6 +143,7 @@ def replay(conn: sqlite3.Connection, jpath: Any, chain: Chain | None, ledger: Le
     conn.execute("BEGIN IMMEDIATE")
     try:
         write_rows(conn, rows, seq, state, chain if head else None, [], top)
+        unannounced.write(conn, dropped)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -148,6 +151,7 @@ def replay(conn: sqlite3.Connection, jpath: Any, chain: Chain | None, ledger: Le
         raise
     finally:
         conn.execute("PRAGMA synchronous=NORMAL")
+    unannounced.added(dropped)
     log.info("store journal %s: %d readings recovered", jpath, len(rows))
     return top, dropped
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.model import streams
 from agent.store import fold, retention
+from agent.store.announce import Unannounced
 from agent.store.bounds import Bounds
 from agent.store.capacity import Space
 from agent.store.fold import Folding
@@ -53,6 +54,12 @@ STOP = object()
 @dataclass(slots=True, frozen=True)
 class Maintain:
     done: threading.Event
+
+
+@dataclass(slots=True, frozen=True)
+class Announced:
+    """Queued behind the ``data_dropped`` alarms of these losses (agent/store/announce.py)."""
+    dropped: tuple[retention.Dropped, ...]
 
 
 @dataclass(slots=True, frozen=True)
@@ -89,6 +96,8 @@ class StoreWriter(Folding, Bounds, Timing):
     releases: list[tuple[int, str, int]]
     ledger: Ledger
     space: Space
+    unannounced: Unannounced
+    _announced: list[retention.Dropped]
     sync_interval_s: float
     lazy_sync_s: float
     max_bytes: int
@@ -147,6 +156,11 @@ class StoreWriter(Folding, Bounds, Timing):
                     self._fold_in([])
                     self._maintain()
                     m.done.set()
+                elif isinstance(m, Announced):
+                    self._announced += m.dropped
+            if self._announced and not self.tail.unsynced:  # their alarms (urgent, queued first) are durable
+                self.unannounced.forget(self._wdb.conn, self._announced)
+                self._announced = []
             if stop or self._fold_due():
                 if not self._fold_in([]):
                     self._fold_retry_at = time.monotonic() + _FOLD_RETRY_S
@@ -182,12 +196,23 @@ class StoreWriter(Folding, Bounds, Timing):
             self._next_id += 1
             rows.append(row)
             records.append(fold.record(row, link))
-        if self.ledger.needs_reserve(seq):  # on disk before any of these seqs can be
-            try:
-                self.ledger.reserve(seq, self._floors(seq))
-            except sqlite3.Error as e:
-                log.error("store: seq ledger not updated (%s)", e)
         return rows, records
+
+    def _reserve(self, new: list[TailRow]) -> None:
+        """The seq ledger covers every seq handed out before any of them can be offered.
+        Written after the journal's append (before its fsync): a crash in between leaves the
+        readings in the journal, not a reservation beside a store that looks lost. The floors
+        count ``new`` as unacknowledged."""
+        if not self.ledger.needs_reserve(self._seq):
+            return
+        try:
+            floors = self._floors(self._seq)
+            for r in new:
+                if r.seq < floors.get(r.stream, r.seq + 1):
+                    floors[r.stream] = r.seq
+            self.ledger.reserve(self._seq, floors)
+        except sqlite3.Error as e:
+            log.error("store: seq ledger not updated (%s)", e)
 
     def _snapshot(self) -> tuple[dict[str, int], int, tuple[int, str] | None]:
         return dict(self._seq), self._next_id, self.chain.state() if self.chain is not None else None
@@ -205,6 +230,7 @@ class StoreWriter(Folding, Bounds, Timing):
             self._restore(saved)
             return False
         self.tail.add_unsynced(rows)
+        self._reserve(rows)
         self.held += sum(1 for r in rows if r.hold is not None)
         with self._count_lock:
             self._queued -= len(rows)
@@ -307,6 +333,7 @@ class StoreWriter(Folding, Bounds, Timing):
             return True
         self.tail.folding = {r.id for r in rows}
         try:
+            self._reserve(new)
             self._sql_commit(rows, durable=True, whole_tail=True)
         except sqlite3.Error as e:
             self._restore(saved)

@@ -53,6 +53,7 @@ import vmimage  # noqa: E402
 from agent.demo import trip  # noqa: E402
 from agent.demo.broker import Mosquitto  # noqa: E402
 from agent.store import fold, journal  # noqa: E402
+from agent.store.announce import Unannounced  # noqa: E402
 from agent.store.schema import create_schema  # noqa: E402
 from agent.store.seqledger import Ledger  # noqa: E402
 from agent.tools.verify import verify  # noqa: E402
@@ -161,7 +162,7 @@ def snapshot(disk: Path, dest: Path) -> Snapshot:
             # is made durable with the first fold only, so a cut may have taken it), then the
             # journal's readings (what the disk kept) into SQLite, numbered as they were.
             create_schema(sqlite_utils.Database(conn))
-            fold.replay(conn, jpath, None, Ledger(dest / "buffer.db.ledger"))
+            fold.replay(conn, jpath, None, Ledger(dest / "buffer.db.ledger"), Unannounced(conn))
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         links = [r[8][0] for r in journal.read(jpath).records if r[0] == "r" and len(r) > 8 and r[8]]
         if "streams" in tables:
