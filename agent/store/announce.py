@@ -44,6 +44,7 @@ class Unannounced:
 
     def __init__(self, conn: sqlite3.Connection):
         self.items = _load(conn)
+        self.failing = False
 
     def write(self, conn: sqlite3.Connection, dropped: list[Dropped]) -> None:
         """Record ``dropped`` inside the caller's transaction; call :meth:`added` after its commit."""
@@ -53,12 +54,12 @@ class Unannounced:
     def added(self, dropped: list[Dropped]) -> None:
         self.items = self.items + dropped
 
-    def forget(self, conn: sqlite3.Connection, done: list[Dropped]) -> None:
-        """Their alarms are durable: the record goes (one small commit; an error keeps them,
-        to be announced again at the next start)."""
+    def forget(self, conn: sqlite3.Connection, done: list[Dropped]) -> bool:
+        """Their alarms are durable: the record goes (one small commit). False on an error
+        (a full disk): the caller tries again later; a start before that announces them again."""
         left = [d for d in self.items if d not in done]
         if len(left) == len(self.items):
-            return
+            return True
         try:
             with conn:
                 if left:
@@ -66,6 +67,9 @@ class Unannounced:
                 else:
                     conn.execute("DELETE FROM state WHERE key = ?", (KEY,))
         except sqlite3.Error as e:
-            log.error("store: announced losses not forgotten (%s); the next start announces them again", e)
-            return
-        self.items = left
+            if not self.failing:
+                log.error("store: announced losses not forgotten yet (%s); will retry", e)
+            self.failing = True
+            return False
+        self.items, self.failing = left, False
+        return True

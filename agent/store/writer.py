@@ -141,6 +141,7 @@ class StoreWriter(Folding, Bounds, Timing):
                     time.sleep(_RETRY_S)
                     more, later = self._drain()
                     batch = self._bounded(batch + more)
+                    markers += later  # every one of them is handled below
                     stop = stop or STOP in later
                     flushes += [m for m in later if isinstance(m, threading.Event)]
             if stop or flushes or urgent or self._sync_due() or self._state_due():
@@ -158,8 +159,9 @@ class StoreWriter(Folding, Bounds, Timing):
                     m.done.set()
                 elif isinstance(m, Announced):
                     self._announced += m.dropped
-            if self._announced and not self.tail.unsynced:  # their alarms (urgent, queued first) are durable
-                self.unannounced.forget(self._wdb.conn, self._announced)
+            # Their alarms (urgent, queued before the marker) are durable once nothing is unsynced.
+            if self._announced and not self.tail.unsynced and self.unannounced.forget(self._wdb.conn,
+                                                                                        self._announced):
                 self._announced = []
             if stop or self._fold_due():
                 if not self._fold_in([]):
