@@ -237,7 +237,7 @@ class Store(StoreWriter, HeldReadings, StoreReader):
             gone = set(ids).difference(in_sqlite)
             with self._ack_lock:
                 if not self._journal_acks:  # with the next group, or alone if none comes
-                    self._journal_acks_at = time.monotonic() + max(JOURNAL_ACK_S, self.sync_interval_s)
+                    self._journal_acks_at = time.monotonic() + max(JOURNAL_ACK_S, self.lazy_sync_s)
                 self._journal_acks.extend(gone)
         if not in_sqlite:
             return

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import agent.store.bounds as bounds_mod
+import agent.store.buffer as buffer_mod
 import agent.store.timing as timing_mod
 import agent.store.writer as writer_mod
 from agent.model.reading import Reading
@@ -123,6 +124,31 @@ def test_acknowledged_readings_never_reach_sqlite_and_seqs_go_on(tmp_path: Path)
         s.append(pos(99))
         s.flush()
         assert [r.seq for r in everything(s, "position")] == [21]
+    finally:
+        s.close()
+
+
+def test_acknowledgements_ride_with_the_next_group_not_a_write_of_their_own(tmp_path: Path, monkeypatch) -> None:
+    """A write of its own costs as much as a group's: acknowledgements wait for the next group
+    (or lazy_sync_s, whichever comes first), not a few seconds."""
+    monkeypatch.setattr(buffer_mod, "JOURNAL_ACK_S", 0.1)
+    db = tmp_path / "b.db"
+    jpath = tmp_path / "b.db.journal"
+    s = Store(db, device="D", sync_interval_s=0.05, lazy_sync_s=30)
+    s.start()
+    try:
+        for i in range(5):
+            s.append(pos(i))
+        s.flush()
+        size = jpath.stat().st_size
+        s.ack(r.id for r in everything(s, "position"))
+        time.sleep(0.3)
+        s.flush()  # wakes the writer: nothing to write but the acknowledgements
+        assert jpath.stat().st_size == size, "an acknowledgement alone was written"
+        s.append(pos(5))
+        s.flush()
+        kinds = [r[0] for r in journal.read(jpath).records]
+        assert kinds == ["r"] * 5 + ["a", "r"], kinds
     finally:
         s.close()
 
