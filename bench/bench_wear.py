@@ -2,8 +2,10 @@
 
 The real agent, ``python -m agent run --config F``, runs as a separate process, as systemd runs
 it (``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` of the unit's ``WatchdogSec=30``), and is measured
-from outside. Each run: start, READY=1, a warm-up (``--warmup``, default 65 s: past the first
-health reading, due 60 s after start), then two windows of ``--seconds`` (default 60): the
+from outside. Each run: start, READY=1, a warm-up (``--warmup``, default 110 s: past the first
+health reading, due 60 s after start, and the group that numbers it: a stream's first seq
+reserves its block in the seq ledger, a one-off write of 8 pages that a window must not
+count as a daily rate), then two windows of ``--seconds`` (default 60): the
 first with nothing attached (bytes, CPU, context switches, readings), the second with strace
 attached (sync calls only: an attached strace stops the agent on every system call, which
 would inflate CPU and context switches; ``strace -f --seccomp-bpf`` from the start was tried
@@ -79,7 +81,7 @@ Goals (issue 14): write amplification <= 10x (broker up and down); parked <= 5 M
 typical load; with the backlog, idle reads <= 1 MB/min and CPU <= 0.1 s/min, ``status`` and the
 first position after a restart within 1.5x of an empty store; ``run`` imports no backend tool.
 
-    python bench/bench_wear.py [--seconds 60] [--warmup 65] [--parked-seconds 300]
+    python bench/bench_wear.py [--seconds 60] [--warmup 110] [--parked-seconds 300]
         [--backlog 1000000] [--backlog-max-mb 4096] [--scenario up|down|parked|backlog ...]
         [--baseline REV] [--can auto|vcan|replay] [--quick] [--tmp DIR] [--keep]
 """
@@ -349,7 +351,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=None, help="measured window (default 60; --quick 15)")
     ap.add_argument("--warmup", type=float, default=None,
-                    help="seconds between READY and the window (default 65: past the first health reading; --quick 5)")
+                    help="seconds between READY and the window (default 110: past the first health reading "
+                         "and the group that numbers it; --quick 5)")
     ap.add_argument("--parked-seconds", type=float, default=None,
                     help="the parked scenario's window (default 300, one health period; --quick 15)")
     ap.add_argument("--backlog", type=int, default=None, help="positions in the backlog store (default 1,000,000; "
@@ -373,7 +376,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     q = a.quick
     a.seconds = a.seconds if a.seconds is not None else (15.0 if q else 60.0)
-    a.warmup = a.warmup if a.warmup is not None else (5.0 if q else 65.0)
+    a.warmup = a.warmup if a.warmup is not None else (5.0 if q else 110.0)
     a.parked_seconds = a.parked_seconds if a.parked_seconds is not None else (15.0 if q else 300.0)
     a.backlog = a.backlog if a.backlog is not None else (100_000 if q else 1_000_000)
     a.scenario = [s for s in SCENARIOS if s in (a.scenario or SCENARIOS)]
