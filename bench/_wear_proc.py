@@ -79,7 +79,8 @@ class Sample:
     threads: int
 
 
-def _io(pid: int) -> dict[str, int]:
+def io_counters(pid: int) -> dict[str, int]:
+    """``/proc/<pid>/io``: write_bytes, read_bytes, rchar… (the whole thread group)."""
     out = {}
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
         k, _, v = line.partition(":")
@@ -116,7 +117,7 @@ def _status_kb(pid: int) -> dict[str, int]:
 
 def sample(pid: int) -> Sample:
     st = _status_kb(pid)
-    return Sample(time.monotonic(), time.time(), _io(pid), _cpu_s(pid), _ctx(pid), st.get("VmRSS", 0),
+    return Sample(time.monotonic(), time.time(), io_counters(pid), _cpu_s(pid), _ctx(pid), st.get("VmRSS", 0),
                   st.get("VmHWM", 0), st.get("Threads", 0))
 
 

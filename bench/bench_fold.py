@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _wear_proc as kp
 from _positions import DEVICE, positions
 
 from agent.model.reading import encode_parts
@@ -38,11 +39,7 @@ PAGE = 4096
 
 
 def written() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("write_bytes"):
-                return int(line.split()[1])
-    raise RuntimeError("no write_bytes in /proc/self/io")
+    return kp.io_counters(os.getpid())["write_bytes"]
 
 
 def settle() -> None:
